@@ -1,0 +1,202 @@
+//! The upstream client (pooled, HTTP/1.1 and HTTP/2, rustls with the gateway's allowlist) and the
+//! header rewriting around it: hop-by-hop stripping both ways and X-Forwarded-* set by the gateway only.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::Body;
+use crate::config::{Config, UpstreamConfig};
+use crate::deny::Denial;
+use crate::route::Route;
+
+pub struct Forwarder {
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    settings: UpstreamConfig,
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+impl Forwarder {
+    pub fn new(config: &Config) -> Result<Forwarder, String> {
+        let settings = config.upstream.clone();
+        let roots = crate::tls::roots(settings.ca_file.as_deref())?;
+        let tls = config.server.tls.policy.client_config(roots, &[])?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        http.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Ok(Forwarder { client, settings })
+    }
+
+    /// Sends `req` to the route's upstream and streams the response back.
+    pub async fn forward(
+        &self,
+        route: &Route,
+        mut req: Request<Body>,
+        peer: SocketAddr,
+        request_id: &str,
+    ) -> Result<Response<Body>, Denial> {
+        let upstream = &route.config.upstream;
+        let original_host = request_host(&req).map(str::to_string);
+        *req.uri_mut() = upstream_uri(upstream, req.uri()).map_err(|_| Denial::UpstreamInvalid)?;
+        *req.version_mut() = http::Version::HTTP_11;
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        // The client's copies go first, so it can neither forge nor strip what the gateway sets.
+        for h in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &FORWARDED, &X_REQUEST_ID] {
+            headers.remove(h);
+        }
+        headers.insert(&X_FORWARDED_FOR, HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is ASCII"));
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        if let Some(h) = original_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+            headers.insert(&X_FORWARDED_HOST, h);
+        }
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            headers.insert(&X_REQUEST_ID, id);
+        }
+        if let Some(auth) = upstream.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            headers.insert(header::HOST, auth);
+        }
+
+        let start = Instant::now();
+        let result = tokio::time::timeout(self.settings.response_timeout, self.client.request(req)).await;
+        route.metrics.upstream.observe(start.elapsed().as_secs_f64());
+        let resp = match result {
+            Err(_) => return Err(Denial::UpstreamTimeout),
+            Ok(Err(e)) if e.is_connect() => {
+                tracing::warn!(route = %route.config.name, error = %e, "upstream connect failed");
+                return Err(Denial::UpstreamUnreachable);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(route = %route.config.name, error = %e, "upstream request failed");
+                return Err(Denial::UpstreamInvalid);
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()))
+    }
+}
+
+/// The request's host without port: the URI authority (HTTP/2, absolute form) or the Host header.
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => req.headers().get(header::HOST)?.to_str().ok()?,
+    };
+    Some(strip_port(raw))
+}
+
+fn strip_port(authority: &str) -> &str {
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
+/// `https://up:8443/base` + `/orders/1?x=y` -> `https://up:8443/base/orders/1?x=y`.
+fn upstream_uri(base: &Uri, incoming: &Uri) -> Result<Uri, http::Error> {
+    let base_path = base.path().trim_end_matches('/');
+    let pq = incoming.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut builder = Uri::builder();
+    if let Some(s) = base.scheme() {
+        builder = builder.scheme(s.clone());
+    }
+    if let Some(a) = base.authority() {
+        builder = builder.authority(a.clone());
+    }
+    builder.path_and_query(format!("{base_path}{pq}")).build()
+}
+
+/// Removes RFC 9110 §7.6.1 connection-specific headers and every header the `Connection` header names.
+/// `Content-Length` goes too when `Transfer-Encoding` is present, so the next hop cannot read the
+/// framing differently.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(h);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_upstream_paths() {
+        let j = |b: &str, i: &str| upstream_uri(&b.parse().unwrap(), &i.parse().unwrap()).unwrap().to_string();
+        assert_eq!(j("https://up:8443", "/orders/1?x=y"), "https://up:8443/orders/1?x=y");
+        assert_eq!(j("https://up:8443/", "/orders"), "https://up:8443/orders");
+        assert_eq!(j("http://up/base/", "/orders"), "http://up/base/orders");
+    }
+
+    #[test]
+    fn hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn hosts() {
+        assert_eq!(strip_port("api.example.com:8443"), "api.example.com");
+        assert_eq!(strip_port("[::1]:8443"), "::1");
+        assert_eq!(strip_port("api"), "api");
+    }
+}

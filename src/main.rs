@@ -1,0 +1,83 @@
+//! The command line: parse arguments, load the config, start. No logic of its own.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use residency_gateway::{audit, config::Config, dev, server};
+
+#[derive(Parser)]
+#[command(name = "residency-gateway", version, about = "Stops API traffic from crossing a border the token does not allow")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        #[arg(short, long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config and its policies; exit 1 on any error.
+    Check {
+        #[arg(short, long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+    /// Run an embedded issuer, two upstreams and the gateway on loopback, and print curl commands.
+    Dev {
+        /// Run the requests and exit non-zero on any unexpected decision.
+        #[arg(long)]
+        smoke: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _guard = audit::init_logging();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}: ok ({} routes, {} issuers)", config.display(), c.routes.len(), c.issuers.len());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match server::start(cfg, Some(config)).await {
+                Ok(mut handle) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = handle.stopped() => {}
+                    }
+                    handle.shutdown().await;
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Dev { smoke } => match dev::run(smoke).await {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("dev: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

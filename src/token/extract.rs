@@ -1,0 +1,78 @@
+//! Finds the bearer token: only in one `Authorization: Bearer …` header, never in the URL.
+
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, Uri};
+
+use crate::deny::Denial;
+
+/// True when the query string carries an `access_token` parameter (RFC 6750 §2.3), however encoded.
+pub fn token_in_query(uri: &Uri) -> bool {
+    uri.query().is_some_and(|q| {
+        form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k.trim().eq_ignore_ascii_case("access_token"))
+    })
+}
+
+/// The token from the request's single `Authorization` header (scheme case-insensitive, RFC 7235).
+pub fn bearer(headers: &HeaderMap) -> Result<&str, Denial> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let value = values.next().ok_or(Denial::MissingToken)?;
+    if values.next().is_some() {
+        return Err(Denial::DuplicateToken);
+    }
+    let value = value.to_str().map_err(|_| Denial::MalformedToken)?;
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        // Another scheme (Basic, …) carries no bearer credentials: RFC 6750 §3.1 treats it as missing.
+        return Err(Denial::MissingToken);
+    }
+    let token = rest.trim_start_matches(' ');
+    if is_b64token(token) { Ok(token) } else { Err(Denial::MalformedToken) }
+}
+
+/// RFC 6750 §2.1: `b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
+fn is_b64token(t: &str) -> bool {
+    let body = t.trim_end_matches('=');
+    !body.is_empty()
+        && body.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn bearer_forms() {
+        assert_eq!(bearer(&headers(&["Bearer abc.def-ghi"])).unwrap(), "abc.def-ghi");
+        assert_eq!(bearer(&headers(&["bearer abc=="])).unwrap(), "abc==");
+        assert_eq!(bearer(&headers(&["BEARER   abc"])).unwrap(), "abc");
+        assert!(matches!(bearer(&headers(&[])), Err(Denial::MissingToken)));
+        assert!(matches!(bearer(&headers(&["Basic dXNlcjpwYXNz"])), Err(Denial::MissingToken)));
+        assert!(matches!(bearer(&headers(&["Bearer"])), Err(Denial::MalformedToken)));
+        assert!(matches!(bearer(&headers(&["Bearer "])), Err(Denial::MalformedToken)));
+        assert!(matches!(bearer(&headers(&["Bearer a b"])), Err(Denial::MalformedToken)));
+        assert!(matches!(bearer(&headers(&["Bearer =abc"])), Err(Denial::MalformedToken)));
+        assert!(matches!(bearer(&headers(&["Bearer a\"b"])), Err(Denial::MalformedToken)));
+        assert!(matches!(bearer(&headers(&["Bearer a", "Bearer b"])), Err(Denial::DuplicateToken)));
+    }
+
+    #[test]
+    fn query_tokens() {
+        let t = |s: &str| token_in_query(&s.parse().unwrap());
+        assert!(t("/x?access_token=abc"));
+        assert!(t("/x?a=1&access_token="));
+        assert!(t("/x?access%5Ftoken=abc"));
+        assert!(t("/x?ACCESS_TOKEN=abc"));
+        assert!(!t("/x?token=abc"));
+        assert!(!t("/x"));
+        assert!(!t("/x?my_access_token=abc"));
+    }
+}

@@ -1,0 +1,379 @@
+//! Bearer tokens: extraction, JWT verification against JWKS, RFC 7662 introspection, and the one
+//! validation cache both paths share.
+
+pub mod extract;
+pub mod introspect;
+pub mod jwt;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::digest;
+use moka::Expiry;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::config::{CacheConfig, ClaimPath, Config, IssuerConfig, RouteConfig};
+use crate::metrics::Metrics;
+use crate::policy::{AllowedRegions, regions_from_claim};
+
+/// Why a token was not accepted. Every variant is a 401; the description never contains the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token's issuer is not accepted on this route")]
+    UnknownIssuer,
+    #[error("the token's audience is not accepted")]
+    WrongAudience,
+    #[error("the token's signing algorithm is not accepted")]
+    Algorithm,
+    #[error("the token was signed with an unknown key")]
+    UnknownKey,
+    #[error("the token's signature is invalid")]
+    BadSignature,
+    #[error("the token's lifetime exceeds what the issuer is allowed")]
+    LifetimeTooLong,
+    #[error("the token is missing the required claim {0}")]
+    MissingClaim(&'static str),
+    #[error("the token is malformed")]
+    Malformed,
+    #[error("the token is not active")]
+    Inactive,
+    #[error("the token has been revoked")]
+    Revoked,
+}
+
+impl TokenError {
+    pub fn reason(&self) -> crate::deny::Reason {
+        use crate::deny::Reason;
+        match self {
+            TokenError::Expired => Reason::ExpiredToken,
+            TokenError::Revoked => Reason::TokenRevoked,
+            TokenError::NotYetValid
+            | TokenError::UnknownIssuer
+            | TokenError::WrongAudience
+            | TokenError::Algorithm
+            | TokenError::UnknownKey
+            | TokenError::BadSignature
+            | TokenError::LifetimeTooLong
+            | TokenError::MissingClaim(_)
+            | TokenError::Malformed
+            | TokenError::Inactive => Reason::InvalidToken,
+        }
+    }
+
+    /// The `error_description` text: static words, safe in a quoted header value.
+    pub fn description(&self) -> &'static str {
+        match self {
+            TokenError::Expired => "the token has expired",
+            TokenError::NotYetValid => "the token is not valid yet",
+            TokenError::UnknownIssuer => "the token's issuer is not accepted on this route",
+            TokenError::WrongAudience => "the token's audience is not accepted",
+            TokenError::Algorithm => "the token's signing algorithm is not accepted",
+            TokenError::UnknownKey => "the token was signed with an unknown key",
+            TokenError::BadSignature => "the token's signature is invalid",
+            TokenError::LifetimeTooLong => "the token's lifetime exceeds the maximum",
+            TokenError::MissingClaim(_) => "the token is missing a required claim",
+            TokenError::Malformed => "the token is malformed",
+            TokenError::Inactive => "the token is not active",
+            TokenError::Revoked => "the token has been revoked",
+        }
+    }
+}
+
+/// The token service (JWKS or introspection endpoint) could not give an answer. Never cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("token service unavailable")]
+pub struct Unavailable;
+
+/// The outcome of checking one token: a verdict (cached), or no verdict at all.
+pub type Checked = Result<Result<Arc<Principal>, TokenError>, Unavailable>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Jwt,
+    Introspection,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Jwt => "jwt",
+            Method::Introspection => "introspection",
+        }
+    }
+}
+
+/// Who is calling, as established by a validated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    /// The config name of the issuer that validated the token.
+    pub issuer: Arc<str>,
+    pub method: Method,
+    pub sub: Option<String>,
+    pub client_id: Option<String>,
+    pub jti: Option<String>,
+    pub scopes: Vec<String>,
+    pub allowed_regions: AllowedRegions,
+    pub exp: Option<u64>,
+    pub cnf: Option<Value>,
+}
+
+impl Principal {
+    /// Builds a principal from validated claims (a JWT's payload or an introspection response).
+    pub fn from_claims(issuer: &Arc<str>, method: Method, claims: &Map<String, Value>, regions: &ClaimPath) -> Self {
+        let s = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_string);
+        Principal {
+            issuer: issuer.clone(),
+            method,
+            sub: s("sub"),
+            client_id: s("client_id").or_else(|| s("azp")),
+            jti: s("jti"),
+            scopes: claims
+                .get("scope")
+                .and_then(Value::as_str)
+                .map(|sc| sc.split_ascii_whitespace().map(str::to_string).collect())
+                .unwrap_or_default(),
+            allowed_regions: regions_from_claim(regions.lookup(claims)),
+            exp: claims.get("exp").and_then(Value::as_u64),
+            cnf: claims.get("cnf").cloned(),
+        }
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Hex of the first 8 bytes of SHA-256(token): lets an audit line be matched to a token without holding it.
+pub fn fingerprint(token: &str) -> String {
+    let d = digest::digest(&digest::SHA256, token.as_bytes());
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn cache_key(issuer: &str, token: &str) -> [u8; 32] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(issuer.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(token.as_bytes());
+    let mut key = [0u8; 32];
+    key.copy_from_slice(ctx.finish().as_ref());
+    key
+}
+
+/// One configured issuer, with the checkers it has.
+pub struct Issuer {
+    pub config: IssuerConfig,
+    pub name: Arc<str>,
+    pub jwt: Option<jwt::JwtVerifier>,
+    pub introspection: Option<introspect::Introspector>,
+}
+
+#[derive(Clone)]
+struct CacheEntry {
+    result: Result<Arc<Principal>, TokenError>,
+    ttl: Duration,
+}
+
+struct EntryTtl;
+
+impl Expiry<[u8; 32], CacheEntry> for EntryTtl {
+    fn expire_after_create(&self, _: &[u8; 32], value: &CacheEntry, _: std::time::Instant) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// Every issuer plus the validation cache.
+pub struct Verifier {
+    issuers: HashMap<String, Arc<Issuer>>,
+    cache: moka::future::Cache<[u8; 32], CacheEntry>,
+    cache_cfg: CacheConfig,
+    metrics: Metrics,
+}
+
+#[derive(Deserialize)]
+struct Peek {
+    iss: Option<String>,
+}
+
+impl Verifier {
+    pub async fn new(config: &Config, metrics: &Metrics) -> Result<Verifier, String> {
+        let mut issuers = HashMap::new();
+        for ic in &config.issuers {
+            let issuer = build_issuer(ic, config, metrics).await?;
+            issuers.insert(ic.name.clone(), Arc::new(issuer));
+        }
+        let cache = moka::future::Cache::builder()
+            .max_capacity(config.cache.max_entries)
+            .expire_after(EntryTtl)
+            .build();
+        Ok(Verifier { issuers, cache, cache_cfg: config.cache.clone(), metrics: metrics.clone() })
+    }
+
+    pub fn issuers(&self) -> impl Iterator<Item = &Arc<Issuer>> {
+        self.issuers.values()
+    }
+
+    /// True once every JWT issuer has a key set.
+    pub fn ready(&self) -> bool {
+        self.issuers.values().all(|i| i.jwt.as_ref().is_none_or(|j| j.has_keys()))
+    }
+
+    /// Chooses the issuer and method for `token` on `route`: a JWT whose `iss` names one of the route's JWT
+    /// issuers is verified locally (unless the route introspects JWTs); anything else goes to the route's
+    /// introspection issuer.
+    fn select(&self, route: &RouteConfig, token: &str) -> Result<(&Arc<Issuer>, Method), TokenError> {
+        let iss = jsonwebtoken::dangerous::insecure_decode::<Peek>(token).ok().and_then(|d| d.claims.iss);
+        let route_issuers = || route.issuers.iter().filter_map(|n| self.issuers.get(n));
+        if let Some(iss) = &iss {
+            if !route.introspect_jwts {
+                if let Some(i) = route_issuers().find(|i| i.jwt.is_some() && i.config.issuer == *iss) {
+                    return Ok((i, Method::Jwt));
+                }
+            }
+            if let Some(i) = route_issuers().find(|i| i.introspection.is_some() && i.config.issuer == *iss) {
+                return Ok((i, Method::Introspection));
+            }
+        }
+        match route_issuers().find(|i| i.introspection.is_some()) {
+            Some(i) => Ok((i, Method::Introspection)),
+            None if iss.is_some() => Err(TokenError::UnknownIssuer),
+            None => Err(TokenError::Malformed),
+        }
+    }
+
+    /// Validates `token` for `route`, through the cache. Residency is not decided here: the caller decides
+    /// it on every request, cached or not.
+    pub async fn check(&self, route: &RouteConfig, token: &str) -> Checked {
+        let (issuer, method) = match self.select(route, token) {
+            Ok(x) => x,
+            Err(e) => return Ok(Err(e)),
+        };
+        let key = cache_key(&issuer.name, token);
+        let metrics = &self.metrics;
+        let entry = self
+            .cache
+            .entry(key)
+            .or_try_insert_with(async {
+                let result = match method {
+                    Method::Jwt => match &issuer.jwt {
+                        Some(j) => j.verify(token).await,
+                        None => Ok(Err(TokenError::UnknownIssuer)),
+                    },
+                    Method::Introspection => match &issuer.introspection {
+                        Some(i) => i.introspect(token).await,
+                        None => Ok(Err(TokenError::UnknownIssuer)),
+                    },
+                };
+                let label = match &result {
+                    Ok(Ok(_)) => "valid",
+                    Ok(Err(_)) => "invalid",
+                    Err(_) => "unavailable",
+                };
+                metrics.token_validations.with_label_values(&[&issuer.name, method.as_str(), label]).inc();
+                let result = result?;
+                let ttl = match &result {
+                    Ok(p) => {
+                        let until_exp = p.exp.map_or(self.cache_cfg.max_ttl, |e| {
+                            Duration::from_secs(e.saturating_sub(now_secs()))
+                        });
+                        until_exp.min(self.cache_cfg.max_ttl)
+                    }
+                    Err(_) => self.cache_cfg.negative_ttl,
+                };
+                Ok::<_, Unavailable>(CacheEntry { result, ttl })
+            })
+            .await;
+        let entry = match entry {
+            Ok(e) => e,
+            Err(_) => return Err(Unavailable),
+        };
+        let hit = !entry.is_fresh();
+        metrics.token_cache.with_label_values(&["validation", if hit { "hit" } else { "miss" }]).inc();
+        let result = entry.into_value().result;
+        // A cached verdict is only as good as the token's own expiry.
+        if let Ok(p) = &result {
+            if p.exp.is_some_and(|e| e <= now_secs()) {
+                return Ok(Err(TokenError::Expired));
+            }
+        }
+        Ok(result)
+    }
+}
+
+async fn build_issuer(ic: &IssuerConfig, config: &Config, metrics: &Metrics) -> Result<Issuer, String> {
+    let name: Arc<str> = Arc::from(ic.name.as_str());
+    let http = http_client(ic, config)?;
+    let mut ic = ic.clone();
+    if let Some(url) = ic.discovery_url.clone() {
+        discover(&mut ic, &url, &http).await?;
+    }
+    let regions = ic.regions_claim.clone().unwrap_or_else(|| config.regions_claim.clone());
+    let jwt = match &ic.jwt {
+        Some(j) => Some(jwt::JwtVerifier::new(&ic, j, name.clone(), regions.clone(), http.clone(), metrics.clone())?),
+        None => None,
+    };
+    let introspection = ic
+        .introspection
+        .as_ref()
+        .map(|s| introspect::Introspector::new(&ic, s, name.clone(), regions.clone(), http.clone(), metrics.clone()));
+    Ok(Issuer { config: ic, name, jwt, introspection })
+}
+
+/// The client for one issuer's token service: bounded timeouts, the gateway's TLS allowlist, no redirects
+/// (a redirect could point a key fetch anywhere).
+fn http_client(ic: &IssuerConfig, config: &Config) -> Result<reqwest::Client, String> {
+    let roots = crate::tls::roots(ic.ca_file.as_deref())?;
+    let tls = config.server.tls.policy.client_config(roots, &[b"h2", b"http/1.1"])?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(ic.timeout)
+        .connect_timeout(ic.timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("residency-gateway/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("issuer {}: cannot build HTTP client: {e}", ic.name))
+}
+
+/// OpenID Connect / RFC 8414 metadata fills what the issuer did not set itself.
+async fn discover(ic: &mut IssuerConfig, url: &str, http: &reqwest::Client) -> Result<(), String> {
+    #[derive(Deserialize)]
+    struct Metadata {
+        issuer: String,
+        jwks_uri: Option<String>,
+        introspection_endpoint: Option<String>,
+    }
+    let fail = |e: String| format!("issuer {}: discovery at {url} failed: {e}", ic.name);
+    let resp = http.get(url).send().await.map_err(|e| fail(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(fail(format!("HTTP {}", resp.status())));
+    }
+    let meta: Metadata = resp.json().await.map_err(|e| fail(e.to_string()))?;
+    if meta.issuer != ic.issuer {
+        return Err(fail(format!("metadata names issuer `{}`, config says `{}`", meta.issuer, ic.issuer)));
+    }
+    for u in meta.jwks_uri.iter().chain(meta.introspection_endpoint.iter()) {
+        crate::config::check_fetch_url(u).map_err(fail)?;
+    }
+    if let Some(j) = &mut ic.jwt {
+        if j.keys.is_none() {
+            j.keys = meta.jwks_uri.map(crate::config::KeySource::Uri);
+            if j.keys.is_none() {
+                return Err(fail("metadata has no jwks_uri".into()));
+            }
+        }
+    }
+    if let Some(i) = &mut ic.introspection {
+        if i.uri.is_none() {
+            i.uri = meta.introspection_endpoint;
+            if i.uri.is_none() {
+                return Err(fail("metadata has no introspection_endpoint".into()));
+            }
+        }
+    }
+    Ok(())
+}
