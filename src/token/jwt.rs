@@ -37,7 +37,9 @@ pub struct JwtVerifier {
     name: Arc<str>,
     source: KeySource,
     settings: JwtSettings,
-    validation: Validation,
+    /// One validation per allowed algorithm: jsonwebtoken refuses a validation whose algorithms span
+    /// several key families, which also keeps an RSA key from ever checking an ES256 header.
+    validations: Vec<(Algorithm, Validation)>,
     max_lifetime: Option<u64>,
     leeway: u64,
     regions: ClaimPath,
@@ -58,18 +60,24 @@ impl JwtVerifier {
         metrics: Metrics,
     ) -> Result<JwtVerifier, String> {
         let source = s.keys.clone().ok_or_else(|| format!("issuer {}: no JWKS source", ic.name))?;
-        let mut validation = Validation::new(s.algorithms[0]);
-        validation.algorithms = s.algorithms.clone();
-        validation.set_issuer(&[&ic.issuer]);
-        validation.set_audience(&ic.audiences);
-        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        validation.validate_nbf = true;
-        validation.leeway = ic.leeway;
+        let validations = s
+            .algorithms
+            .iter()
+            .map(|&alg| {
+                let mut v = Validation::new(alg);
+                v.set_issuer(&[&ic.issuer]);
+                v.set_audience(&ic.audiences);
+                v.set_required_spec_claims(&["exp", "iss", "aud"]);
+                v.validate_nbf = true;
+                v.leeway = ic.leeway;
+                (alg, v)
+            })
+            .collect();
         Ok(JwtVerifier {
             name,
             source,
             settings: s.clone(),
-            validation,
+            validations,
             max_lifetime: ic.max_token_lifetime,
             leeway: ic.leeway,
             regions,
@@ -208,9 +216,9 @@ impl JwtVerifier {
             Ok(h) => h,
             Err(_) => return Ok(Err(TokenError::Malformed)),
         };
-        if !self.settings.algorithms.contains(&header.alg) {
+        let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == header.alg) else {
             return Ok(Err(TokenError::Algorithm));
-        }
+        };
         let kid = header.kid.as_deref();
         let mut set = match self.current_keys() {
             Some(s) => s,
@@ -232,7 +240,7 @@ impl JwtVerifier {
         if !key.algorithms.contains(&header.alg) {
             return Ok(Err(TokenError::Algorithm));
         }
-        let claims = match jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &self.validation) {
+        let claims = match jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, validation) {
             Ok(data) => data.claims,
             Err(e) => return Ok(Err(map_error(e.kind()))),
         };

@@ -1,0 +1,480 @@
+//! In-process fakes on 127.0.0.1:0 for the integration tests: an upstream, an authorization server
+//! (JWKS, discovery, introspection) with hit counters and switchable failures, and a gateway launcher
+//! that writes a real config with a real certificate and talks to it over real TLS.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use jsonwebtoken::{Algorithm, EncodingKey};
+use residency_gateway::config::Config;
+use residency_gateway::dev::{EMBEDDED_POLICIES, Pki, Signer, serve_http};
+use residency_gateway::server::{self, Handle};
+use residency_gateway::token::now_secs;
+use residency_gateway::{Body, full_body};
+use serde_json::{Value, json};
+
+pub fn json_response(status: u16, v: &Value) -> Response<Body> {
+    let mut r = Response::new(full_body(Bytes::from(v.to_string())));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Upstream
+
+/// What the upstream saw of the last request.
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: usize,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// An HTTP/1.1 upstream. `/slow?ms=N` waits before answering; `/big?bytes=N` streams N bytes;
+/// `/hop` answers with hop-by-hop headers; everything else echoes what it saw as JSON.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    pub last: Arc<Mutex<Option<Seen>>>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let last = Arc::new(Mutex::new(None));
+        let (h, l) = (hits.clone(), last.clone());
+        let addr = serve_http(move |req: Request<Incoming>| {
+            let (hits, last) = (h.clone(), l.clone());
+            async move { upstream_handle(req, hits, last).await }
+        })
+        .await
+        .unwrap();
+        Upstream { addr, hits, last }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn seen(&self) -> Seen {
+        self.last.lock().unwrap().clone().expect("the upstream saw a request")
+    }
+}
+
+fn query_num(req: &Request<Incoming>, key: &str) -> u64 {
+    req.uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix(&format!("{key}="))?.parse().ok()))
+        .unwrap_or(0)
+}
+
+async fn upstream_handle(req: Request<Incoming>, hits: Arc<AtomicUsize>, last: Arc<Mutex<Option<Seen>>>) -> Response<Body> {
+    hits.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_string();
+    if path.starts_with("/slow") {
+        tokio::time::sleep(Duration::from_millis(query_num(&req, "ms"))).await;
+    }
+    if path.starts_with("/big") {
+        let total = query_num(&req, "bytes") as usize;
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let chunks = (0..total.div_ceil(chunk.len())).map(move |i| {
+            let n = (total - i * chunk.len()).min(chunk.len());
+            Ok::<_, Infallible>(Frame::data(chunk.slice(..n)))
+        });
+        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        return Response::new(body.map_err(|e: Infallible| match e {}).boxed_unsync());
+    }
+    let (parts, body) = req.into_parts();
+    let mut body_len = 0;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => body_len += f.data_ref().map_or(0, |d| d.len()),
+            Err(_) => break,
+        }
+    }
+    let seen = Seen {
+        method: parts.method.to_string(),
+        path_and_query: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect(),
+        body_len,
+    };
+    *last.lock().unwrap() = Some(seen.clone());
+    let mut resp = json_response(200, &json!({"path": seen.path_and_query, "body_len": body_len}));
+    if path.starts_with("/hop") {
+        let h = resp.headers_mut();
+        h.insert("connection", "x-upstream-secret".parse().unwrap());
+        h.insert("x-upstream-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-upstream-kept", "1".parse().unwrap());
+    }
+    resp
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Authorization server
+
+/// A fake authorization server: `/jwks.json`, `/.well-known/openid-configuration`, `/introspect`.
+#[derive(Clone)]
+pub struct Idp {
+    pub addr: SocketAddr,
+    pub state: Arc<IdpState>,
+}
+
+pub struct IdpState {
+    pub rsa: Signer,
+    pub ec: Signer,
+    /// Extra keys served in the JWKS (raw JSON), for rotation and skipped-key tests.
+    pub extra_keys: Mutex<Vec<Value>>,
+    /// When false, the JWKS leaves the RSA key out (a removed key).
+    pub serve_rsa: std::sync::atomic::AtomicBool,
+    pub jwks_status: AtomicU16,
+    pub jwks_hits: AtomicUsize,
+    pub introspect_hits: AtomicUsize,
+    pub discovery_hits: AtomicUsize,
+    /// 0 = answer normally; otherwise answer introspection with this HTTP status.
+    pub introspect_status: AtomicU16,
+    /// Delay before answering introspection, in ms.
+    pub introspect_delay_ms: AtomicU64,
+    /// Token -> introspection response. Unknown tokens are `{"active": false}`.
+    pub introspect: Mutex<HashMap<String, Value>>,
+    /// A raw body to answer introspection with instead of JSON.
+    pub introspect_raw: Mutex<Option<String>>,
+    /// The last Authorization header and form seen at `/introspect`.
+    pub introspect_auth: Mutex<Option<String>>,
+    pub introspect_form: Mutex<Option<String>>,
+    pub jwks_cache_control: Mutex<Option<String>>,
+}
+
+pub fn rsa_signer(kid: &str) -> Signer {
+    let pair = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
+    let key = EncodingKey::from_rsa_pem(pair.serialize_pem().as_bytes()).unwrap();
+    Signer::from_key(kid, Algorithm::RS256, key).unwrap()
+}
+
+impl Idp {
+    pub async fn start() -> Idp {
+        let state = Arc::new(IdpState {
+            rsa: rsa_signer("rsa-1"),
+            ec: Signer::es256("ec-1").unwrap(),
+            extra_keys: Mutex::new(Vec::new()),
+            serve_rsa: true.into(),
+            jwks_status: AtomicU16::new(200),
+            jwks_hits: AtomicUsize::new(0),
+            introspect_hits: AtomicUsize::new(0),
+            discovery_hits: AtomicUsize::new(0),
+            introspect_status: AtomicU16::new(0),
+            introspect_delay_ms: AtomicU64::new(0),
+            introspect: Mutex::new(HashMap::new()),
+            introspect_raw: Mutex::new(None),
+            introspect_auth: Mutex::new(None),
+            introspect_form: Mutex::new(None),
+            jwks_cache_control: Mutex::new(None),
+        });
+        let addr_cell: Arc<OnceLock<SocketAddr>> = Arc::new(OnceLock::new());
+        let (s, a) = (state.clone(), addr_cell.clone());
+        let addr = serve_http(move |req: Request<Incoming>| {
+            let (state, addr) = (s.clone(), a.clone());
+            async move { idp_handle(req, &state, *addr.get().unwrap()).await }
+        })
+        .await
+        .unwrap();
+        addr_cell.set(addr).unwrap();
+        Idp { addr, state }
+    }
+
+    pub fn issuer(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    pub fn jwks_uri(&self) -> String {
+        format!("http://{}/jwks.json", self.addr)
+    }
+
+    pub fn jwks_hits(&self) -> usize {
+        self.state.jwks_hits.load(Ordering::SeqCst)
+    }
+
+    pub fn introspect_hits(&self) -> usize {
+        self.state.introspect_hits.load(Ordering::SeqCst)
+    }
+
+    /// Standard valid claims for this issuer, audience `api`, lifetime 10 minutes.
+    pub fn claims(&self, regions: Value) -> Value {
+        let now = now_secs();
+        let mut c = json!({"iss": self.issuer(), "aud": "api", "sub": "alice", "client_id": "app-1",
+            "iat": now, "exp": now + 600, "jti": format!("jti-{}", NEXT.fetch_add(1, Ordering::SeqCst))});
+        if !regions.is_null() {
+            c["allowed_regions"] = regions;
+        }
+        c
+    }
+
+    pub fn rs256(&self, claims: &Value) -> String {
+        self.state.rsa.mint(claims)
+    }
+
+    pub fn es256(&self, claims: &Value) -> String {
+        self.state.ec.mint(claims)
+    }
+
+    /// A valid RS256 token allowed in `regions`.
+    pub fn token(&self, regions: Value) -> String {
+        self.rs256(&self.claims(regions))
+    }
+
+    /// Registers an opaque token with its introspection response.
+    pub fn opaque(&self, token: &str, response: Value) {
+        self.state.introspect.lock().unwrap().insert(token.to_string(), response);
+    }
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(1);
+
+async fn idp_handle(req: Request<Incoming>, s: &IdpState, addr: SocketAddr) -> Response<Body> {
+    match req.uri().path() {
+        "/jwks.json" => {
+            s.jwks_hits.fetch_add(1, Ordering::SeqCst);
+            let status = s.jwks_status.load(Ordering::SeqCst);
+            if status != 200 {
+                return json_response(status, &json!({"error": "down"}));
+            }
+            let mut keys = vec![s.ec.jwk.clone()];
+            if s.serve_rsa.load(Ordering::SeqCst) {
+                keys.push(s.rsa.jwk.clone());
+            }
+            keys.extend(s.extra_keys.lock().unwrap().iter().cloned());
+            let mut resp = json_response(200, &json!({ "keys": keys }));
+            if let Some(cc) = s.jwks_cache_control.lock().unwrap().clone() {
+                resp.headers_mut().insert("cache-control", cc.parse().unwrap());
+            }
+            resp
+        }
+        "/.well-known/openid-configuration" => {
+            s.discovery_hits.fetch_add(1, Ordering::SeqCst);
+            json_response(
+                200,
+                &json!({"issuer": format!("http://{addr}/"), "jwks_uri": format!("http://{addr}/jwks.json"),
+                    "introspection_endpoint": format!("http://{addr}/introspect")}),
+            )
+        }
+        "/introspect" => {
+            s.introspect_hits.fetch_add(1, Ordering::SeqCst);
+            let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+            *s.introspect_auth.lock().unwrap() = auth;
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let form = String::from_utf8_lossy(&body).into_owned();
+            *s.introspect_form.lock().unwrap() = Some(form.clone());
+            let delay = s.introspect_delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            let status = s.introspect_status.load(Ordering::SeqCst);
+            if status != 0 {
+                return json_response(status, &json!({"error": "server_error"}));
+            }
+            if let Some(raw) = s.introspect_raw.lock().unwrap().clone() {
+                let mut r = Response::new(full_body(Bytes::from(raw)));
+                r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+                return r;
+            }
+            let token = form_urlencoded::parse(form.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            let answer = s.introspect.lock().unwrap().get(&token).cloned().unwrap_or(json!({"active": false}));
+            json_response(200, &answer)
+        }
+        _ => json_response(404, &json!({})),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Gateway
+
+/// A running gateway with its files, and a client that trusts its certificate.
+pub struct Gw {
+    pub handle: Option<Handle>,
+    pub dir: tempfile::TempDir,
+    pub client: reqwest::Client,
+    pub base: String,
+    pub admin: String,
+    pub pki: Arc<Pki>,
+}
+
+/// The `[server]` part every test config starts with; `body` is the rest of the file.
+pub fn config_text(body: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[server.tls]\ncert = \"gateway.crt\"\nkey = \"gateway.key\"\n\n{body}"
+    )
+}
+
+/// Writes the certificate, key and shipped policies into a fresh directory.
+pub fn prepare_dir(pki: &Pki) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = pki.issue(&["localhost", "127.0.0.1"]).unwrap();
+    std::fs::write(dir.path().join("gateway.crt"), format!("{}{}", leaf.cert_pem, pki.ca_pem)).unwrap();
+    std::fs::write(dir.path().join("gateway.key"), leaf.key_pem).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    for (name, text) in EMBEDDED_POLICIES {
+        std::fs::write(dir.path().join("policies").join(name), text).unwrap();
+    }
+    dir
+}
+
+pub fn client_for(pki: &Pki) -> reqwest::Client {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(rustls::crypto::aws_lc_rs::default_provider().into())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    reqwest::Client::builder().use_preconfigured_tls(tls).timeout(Duration::from_secs(20)).build().unwrap()
+}
+
+use rustls_pki_types::pem::PemObject;
+
+impl Gw {
+    /// Starts a gateway whose config is `[server]` (loopback, generated certificate) plus `body`.
+    pub async fn start(body: &str) -> Gw {
+        Gw::try_start(body).await.unwrap_or_else(|e| panic!("gateway did not start: {e}"))
+    }
+
+    pub async fn try_start(body: &str) -> Result<Gw, String> {
+        init_audit_capture();
+        let pki = Arc::new(Pki::new("test CA").unwrap());
+        let dir = prepare_dir(&pki);
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, config_text(body)).unwrap();
+        let config = Config::load(&path).map_err(|e| e.to_string())?;
+        let handle = server::start(config, Some(path)).await?;
+        let base = format!("https://localhost:{}", handle.addr.port());
+        let admin = format!("http://{}", handle.admin_addr.unwrap());
+        Ok(Gw { client: client_for(&pki), handle: Some(handle), dir, base, admin, pki })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.as_ref().unwrap().addr
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.get(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// GET and return status plus the problem body's reason (empty when forwarded).
+    pub async fn status(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let resp = self.get(path, token).await;
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        (status, body.get("reason").and_then(Value::as_str).unwrap_or("").to_string())
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
+    }
+
+    /// The value of one sample, by its exact name and label text, e.g.
+    /// `residency_gateway_requests_total{outcome="forwarded",route="r"}`. Missing is 0.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics().await, sample)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await;
+        }
+    }
+}
+
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Audit capture
+
+static AUDIT: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs (once per test binary) a subscriber that keeps audit lines in memory, in the same JSON
+/// shape the binary writes.
+pub fn init_audit_capture() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, filter::Targets};
+    AUDIT.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = Capture(buf.clone());
+        let layer = tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .with_filter(Targets::new().with_target("audit", tracing::Level::INFO));
+        let _ = tracing_subscriber::registry().with(layer).try_init();
+        buf
+    });
+}
+
+/// Every audit line captured so far in this test binary, parsed.
+pub fn audit_lines() -> Vec<Value> {
+    let buf = AUDIT.get().expect("audit capture installed").lock().unwrap().clone();
+    String::from_utf8(buf).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The raw captured audit text.
+pub fn audit_text() -> String {
+    String::from_utf8(AUDIT.get().expect("audit capture installed").lock().unwrap().clone()).unwrap()
+}
