@@ -42,18 +42,27 @@ pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, mut stop: watch::Rec
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(full_body(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
 async fn handle(rt: Arc<Runtime>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let resp = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => text(StatusCode::OK, "text/plain; version=0.0.4", rt.metrics.render()),
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            rt.metrics.render(),
+        ),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") if rt.ready() => text(StatusCode::OK, "text/plain", "ready\n"),
-        (&Method::GET, "/readyz") => {
-            text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: token keys not loaded\n")
-        }
+        (&Method::GET, "/readyz") => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: token keys not loaded\n",
+        ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     };
     Ok(resp)

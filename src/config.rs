@@ -34,7 +34,12 @@ pub struct ConfigError {
 impl ConfigError {
     /// A problem with a file as a whole (unreadable, missing directory).
     pub fn file(file: &Path, message: impl Into<String>) -> Self {
-        ConfigError { file: file.to_path_buf(), line: None, key: String::new(), message: message.into() }
+        ConfigError {
+            file: file.to_path_buf(),
+            line: None,
+            key: String::new(),
+            message: message.into(),
+        }
     }
 }
 
@@ -117,13 +122,17 @@ pub struct Source {
 
 impl Source {
     pub fn read(file: &Path) -> Result<Source, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::file(file, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::file(file, format!("cannot read: {e}")))?;
         Source::from_text(file, text)
     }
 
     /// Checks the TOML syntax; the error names the line where parsing stopped.
     pub fn from_text(file: impl AsRef<Path>, text: String) -> Result<Source, ConfigError> {
-        let src = Source { file: file.as_ref().to_path_buf(), text };
+        let src = Source {
+            file: file.as_ref().to_path_buf(),
+            text,
+        };
         if let Err(e) = DeTable::parse(&src.text) {
             let line = e.span().map(|s| src.line_at(s.start));
             return Err(ConfigError {
@@ -137,7 +146,11 @@ impl Source {
     }
 
     fn line_at(&self, offset: usize) -> usize {
-        self.text.as_bytes()[..offset.min(self.text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+        self.text.as_bytes()[..offset.min(self.text.len())]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
     }
 
     /// Deserialises the whole file. Unknown keys and type errors become errors with lines; `None` when
@@ -151,7 +164,8 @@ impl Source {
             }
         };
         let mut unknown = Vec::new();
-        let result: Result<T, _> = serde_ignored::deserialize(de, |path| unknown.push(ignored_key(&path)));
+        let result: Result<T, _> =
+            serde_ignored::deserialize(de, |path| unknown.push(ignored_key(&path)));
         for key in unknown {
             errors.push(self.error(&key, "unknown key"));
         }
@@ -169,7 +183,12 @@ impl Source {
             Some(span) => (Some(self.line_at(span.start)), self.key_at(span.start)),
             None => (None, String::new()),
         };
-        ConfigError { file: self.file.clone(), line, key, message: e.message().trim().to_string() }
+        ConfigError {
+            file: self.file.clone(),
+            line,
+            key,
+            message: e.message().trim().to_string(),
+        }
     }
 
     /// An error about `key`, with the line where that key (or the nearest enclosing one) is written.
@@ -194,13 +213,17 @@ impl Source {
                         Some(DeValue::Table(t)) => Some(t),
                         _ => None,
                     })?;
-                    let (k, v) = t.iter().find(|(k, _)| k.get_ref().as_ref() == name.as_str())?;
+                    let (k, v) = t
+                        .iter()
+                        .find(|(k, _)| k.get_ref().as_ref() == name.as_str())?;
                     best = Some(k.span().start);
                     table = None;
                     value = Some(v.get_ref());
                 }
                 Seg::Index(i) => {
-                    let DeValue::Array(items) = value? else { return best };
+                    let DeValue::Array(items) = value? else {
+                        return best;
+                    };
                     let item = items.get(*i)?;
                     best = Some(item.span().start);
                     table = None;
@@ -237,9 +260,16 @@ impl Source {
                 _ => {}
             }
         }
-        let Ok(doc) = DeTable::parse(&self.text) else { return String::new() };
+        let Ok(doc) = DeTable::parse(&self.text) else {
+            return String::new();
+        };
         let mut out = Key::root();
-        walk(&DeValue::Table(doc.into_inner()), offset, Key::root(), &mut out);
+        walk(
+            &DeValue::Table(doc.into_inner()),
+            offset,
+            Key::root(),
+            &mut out,
+        );
         out.to_string()
     }
 }
@@ -257,7 +287,9 @@ fn ignored_key(path: &serde_ignored::Path) -> Key {
                 build(parent, out);
                 out.0.push(Seg::Field(key.clone()));
             }
-            P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => build(parent, out),
+            P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+                build(parent, out)
+            }
         }
     }
     let mut k = Key::root();
@@ -339,11 +371,18 @@ struct RawPolicySection {
     dir: PathBuf,
     #[serde(default = "defaults::regions_claim")]
     regions_claim: String,
+    /// Scope -> region group or jurisdiction, for IdPs that cannot add a custom claim.
+    #[serde(default)]
+    scope_regions: BTreeMap<String, String>,
 }
 
 impl Default for RawPolicySection {
     fn default() -> Self {
-        RawPolicySection { dir: defaults::policy_dir(), regions_claim: defaults::regions_claim() }
+        RawPolicySection {
+            dir: defaults::policy_dir(),
+            regions_claim: defaults::regions_claim(),
+            scope_regions: BTreeMap::new(),
+        }
     }
 }
 
@@ -416,7 +455,11 @@ struct RawState {
 
 impl Default for RawState {
     fn default() -> Self {
-        RawState { backend: defaults::state_backend(), path: defaults::state_path(), url: None }
+        RawState {
+            backend: defaults::state_backend(),
+            path: defaults::state_path(),
+            url: None,
+        }
     }
 }
 
@@ -518,7 +561,7 @@ pub struct Config {
     pub file: PathBuf,
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
-    pub regions_claim: ClaimPath,
+    pub regions: RegionRules,
     pub policy_dir: PathBuf,
     pub policy: Arc<Policy>,
     pub cache: CacheConfig,
@@ -526,6 +569,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub state: StateConfig,
     pub routes: Vec<RouteConfig>,
+    /// Problems that do not stop the gateway but deserve a look (`check` prints them).
+    pub warnings: Vec<ConfigError>,
 }
 
 #[derive(Debug)]
@@ -554,6 +599,14 @@ pub struct CacheConfig {
     pub negative_ttl: Duration,
 }
 
+/// How a token's allowed regions are read: the claim, plus regions granted by scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionRules {
+    pub claim: ClaimPath,
+    /// (scope, region) pairs; the region is upper-cased.
+    pub scopes: Vec<(String, String)>,
+}
+
 /// Where the allowed regions sit in the claims: a plain claim name, or a dotted path into nested objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimPath {
@@ -563,12 +616,18 @@ pub struct ClaimPath {
 
 impl ClaimPath {
     pub fn new(name: &str) -> ClaimPath {
-        ClaimPath { name: name.to_string(), segments: name.split('.').map(str::to_string).collect() }
+        ClaimPath {
+            name: name.to_string(),
+            segments: name.split('.').map(str::to_string).collect(),
+        }
     }
 
     /// Looks the claim up: a literal top-level key wins (claim names may be URLs with dots), otherwise
     /// the dotted path is followed through nested objects.
-    pub fn lookup<'a>(&self, claims: &'a serde_json::Map<String, serde_json::Value>) -> Option<&'a serde_json::Value> {
+    pub fn lookup<'a>(
+        &self,
+        claims: &'a serde_json::Map<String, serde_json::Value>,
+    ) -> Option<&'a serde_json::Value> {
         if let Some(v) = claims.get(&self.name) {
             return Some(v);
         }
@@ -593,6 +652,7 @@ pub struct IssuerConfig {
     pub discovery_url: Option<String>,
     pub leeway: u64,
     pub max_token_lifetime: Option<u64>,
+    /// Overrides `policy.regions_claim` for this issuer's tokens.
     pub regions_claim: Option<ClaimPath>,
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
@@ -672,7 +732,9 @@ impl Config {
     pub fn from_source(src: &Source) -> Result<Config, ConfigErrors> {
         let mut errors = Vec::new();
         let raw: Option<RawConfig> = src.deserialize(&mut errors);
-        let Some(raw) = raw else { return Err(ConfigErrors(errors)) };
+        let Some(raw) = raw else {
+            return Err(ConfigErrors(errors));
+        };
         let cfg = validate(src, raw, &mut errors);
         match cfg {
             Some(cfg) if errors.is_empty() => Ok(cfg),
@@ -685,23 +747,57 @@ impl Config {
 /// still rejects the config when `errors` is not empty.
 fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Option<Config> {
     let base = src.file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
     let k = Key::root();
     let mut err = |key: &Key, msg: String| errors.push(src.error(key, msg));
 
     // [server]
     let sk = k.field("server");
     let listen = parse_addr(&raw.server.listen, &sk.field("listen"), &mut err);
-    let admin_listen = raw.server.admin_listen.as_deref().and_then(|a| parse_addr(a, &sk.field("admin_listen"), &mut err));
+    let admin_listen = raw
+        .server
+        .admin_listen
+        .as_deref()
+        .and_then(|a| parse_addr(a, &sk.field("admin_listen"), &mut err));
     let durations = [
-        (&sk.field("handshake_timeout_seconds"), raw.server.handshake_timeout_seconds),
-        (&sk.field("header_read_timeout_seconds"), raw.server.header_read_timeout_seconds),
-        (&sk.field("shutdown_grace_seconds"), raw.server.shutdown_grace_seconds),
-        (&k.field("upstream").field("connect_timeout_seconds"), raw.upstream.connect_timeout_seconds),
-        (&k.field("upstream").field("response_timeout_seconds"), raw.upstream.response_timeout_seconds),
-        (&k.field("upstream").field("pool_idle_timeout_seconds"), raw.upstream.pool_idle_timeout_seconds),
-        (&k.field("cache").field("max_ttl_seconds"), raw.cache.max_ttl_seconds),
-        (&k.field("cache").field("negative_ttl_seconds"), raw.cache.negative_ttl_seconds),
+        (
+            &sk.field("handshake_timeout_seconds"),
+            raw.server.handshake_timeout_seconds,
+        ),
+        (
+            &sk.field("header_read_timeout_seconds"),
+            raw.server.header_read_timeout_seconds,
+        ),
+        (
+            &sk.field("shutdown_grace_seconds"),
+            raw.server.shutdown_grace_seconds,
+        ),
+        (
+            &k.field("upstream").field("connect_timeout_seconds"),
+            raw.upstream.connect_timeout_seconds,
+        ),
+        (
+            &k.field("upstream").field("response_timeout_seconds"),
+            raw.upstream.response_timeout_seconds,
+        ),
+        (
+            &k.field("upstream").field("pool_idle_timeout_seconds"),
+            raw.upstream.pool_idle_timeout_seconds,
+        ),
+        (
+            &k.field("cache").field("max_ttl_seconds"),
+            raw.cache.max_ttl_seconds,
+        ),
+        (
+            &k.field("cache").field("negative_ttl_seconds"),
+            raw.cache.negative_ttl_seconds,
+        ),
     ];
     for (key, secs) in durations {
         check_seconds(secs, key, &mut err);
@@ -712,8 +808,18 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         cert: resolve(&raw.server.tls.cert),
         key: resolve(&raw.server.tls.key),
         min_version: raw.server.tls.min_version.clone(),
-        cipher_suites: raw.server.tls.cipher_suites.clone().unwrap_or_else(tls::default_cipher_suites),
-        key_exchange_groups: raw.server.tls.key_exchange_groups.clone().unwrap_or_else(tls::default_groups),
+        cipher_suites: raw
+            .server
+            .tls
+            .cipher_suites
+            .clone()
+            .unwrap_or_else(tls::default_cipher_suites),
+        key_exchange_groups: raw
+            .server
+            .tls
+            .key_exchange_groups
+            .clone()
+            .unwrap_or_else(tls::default_groups),
     };
     let server_tls = match tls::ServerTls::build(&tls_settings) {
         Ok(t) => Some(t),
@@ -740,7 +846,10 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         Err(mut perrs) => {
             for e in &mut perrs {
                 if e.key.is_empty() && e.line.is_none() {
-                    *e = src.error(&pk.field("dir"), format!("{}: {}", e.file.display(), e.message));
+                    *e = src.error(
+                        &pk.field("dir"),
+                        format!("{}: {}", e.file.display(), e.message),
+                    );
                 }
             }
             policy_errors = perrs;
@@ -750,6 +859,19 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
     if raw.policy.regions_claim.trim().is_empty() {
         err(&pk.field("regions_claim"), "must not be empty".into());
     }
+    if let Some(p) = &policy {
+        for (scope, target) in &raw.policy.scope_regions {
+            if !p.has_group(target) && !Jurisdiction::parse(target).is_some_and(|j| j.is_assigned())
+            {
+                err(
+                    &pk.field("scope_regions").field(scope),
+                    format!(
+                        "`{target}` is neither a region group nor an ISO 3166 jurisdiction code"
+                    ),
+                );
+            }
+        }
+    }
 
     // [[issuers]]
     let mut issuers = Vec::new();
@@ -757,10 +879,19 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
     for (i, ri) in raw.issuers.iter().enumerate() {
         let ik = k.field("issuers").index(i);
         if !valid_name(&ri.name) {
-            err(&ik.field("name"), format!("`{}` is not a valid name (letters, digits, '-', '_')", ri.name));
+            err(
+                &ik.field("name"),
+                format!(
+                    "`{}` is not a valid name (letters, digits, '-', '_')",
+                    ri.name
+                ),
+            );
         }
         if !issuer_names.insert(ri.name.clone()) {
-            err(&ik.field("name"), format!("issuer `{}` is defined twice", ri.name));
+            err(
+                &ik.field("name"),
+                format!("issuer `{}` is defined twice", ri.name),
+            );
         }
         if ri.issuer.is_empty() {
             err(&ik.field("issuer"), "must not be empty".into());
@@ -776,10 +907,16 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         let wants_jwt = ri.jwks_uri.is_some() || ri.jwks_file.is_some();
         let wants_introspection = ri.introspection_uri.is_some() || ri.client_id.is_some();
         if !wants_jwt && !wants_introspection && ri.discovery_url.is_none() {
-            err(&ik, "an issuer needs jwks_uri, jwks_file, introspection_uri or discovery_url".into());
+            err(
+                &ik,
+                "an issuer needs jwks_uri, jwks_file, introspection_uri or discovery_url".into(),
+            );
         }
         if ri.jwks_uri.is_some() && ri.jwks_file.is_some() {
-            err(&ik.field("jwks_file"), "set jwks_uri or jwks_file, not both".into());
+            err(
+                &ik.field("jwks_file"),
+                "set jwks_uri or jwks_file, not both".into(),
+            );
         }
         for (key, url) in [
             ("jwks_uri", &ri.jwks_uri),
@@ -795,33 +932,50 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         let mut algorithms = Vec::new();
         for (ai, name) in ri.algorithms.iter().enumerate() {
             match name.parse::<Algorithm>() {
-                Ok(a) if matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => err(
-                    &ik.field("algorithms").index(ai),
-                    format!("`{name}` is a shared-secret algorithm; only public-key algorithms are accepted"),
-                ),
+                Ok(a) if matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => {
+                    err(
+                        &ik.field("algorithms").index(ai),
+                        format!(
+                            "`{name}` is a shared-secret algorithm; only public-key algorithms are accepted"
+                        ),
+                    )
+                }
                 Ok(a) => algorithms.push(a),
                 Err(_) => err(
                     &ik.field("algorithms").index(ai),
-                    format!("unknown algorithm `{name}`; valid: RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 EdDSA"),
+                    format!(
+                        "unknown algorithm `{name}`; valid: RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 EdDSA"
+                    ),
                 ),
             }
         }
         if algorithms.is_empty() && (wants_jwt || ri.discovery_url.is_some()) {
-            err(&ik.field("algorithms"), "at least one algorithm is needed".into());
+            err(
+                &ik.field("algorithms"),
+                "at least one algorithm is needed".into(),
+            );
         }
-        if (wants_jwt || ri.discovery_url.is_some()) && ri.audiences.is_empty() && !wants_introspection {
-            err(&ik.field("audiences"), "at least one audience is needed: `aud` is always checked".into());
+        if (wants_jwt || ri.discovery_url.is_some())
+            && ri.audiences.is_empty()
+            && !wants_introspection
+        {
+            err(
+                &ik.field("audiences"),
+                "at least one audience is needed: `aud` is always checked".into(),
+            );
         }
-        let jwt = (wants_jwt || (ri.discovery_url.is_some() && !wants_introspection)).then(|| JwtSettings {
-            keys: match (&ri.jwks_uri, &ri.jwks_file) {
-                (Some(u), _) => Some(KeySource::Uri(u.clone())),
-                (None, Some(f)) => Some(KeySource::File(resolve(f))),
-                (None, None) => None,
-            },
-            algorithms: algorithms.clone(),
-            refresh: secs(ri.jwks_refresh_seconds),
-            min_refresh: secs(ri.jwks_min_refresh_seconds),
-            max_stale: secs(ri.jwks_max_stale_seconds),
+        let jwt = (wants_jwt || (ri.discovery_url.is_some() && !wants_introspection)).then(|| {
+            JwtSettings {
+                keys: match (&ri.jwks_uri, &ri.jwks_file) {
+                    (Some(u), _) => Some(KeySource::Uri(u.clone())),
+                    (None, Some(f)) => Some(KeySource::File(resolve(f))),
+                    (None, None) => None,
+                },
+                algorithms: algorithms.clone(),
+                refresh: secs(ri.jwks_refresh_seconds),
+                min_refresh: secs(ri.jwks_min_refresh_seconds),
+                max_stale: secs(ri.jwks_max_stale_seconds),
+            }
         });
         let introspection = if wants_introspection {
             let client_auth = match ri.client_auth.as_str() {
@@ -830,13 +984,18 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
                 other => {
                     err(
                         &ik.field("client_auth"),
-                        format!("unknown client_auth `{other}`; valid: client_secret_basic, client_secret_post"),
+                        format!(
+                            "unknown client_auth `{other}`; valid: client_secret_basic, client_secret_post"
+                        ),
                     );
                     ClientAuth::Basic
                 }
             };
             if ri.client_id.is_none() {
-                err(&ik.field("client_id"), "introspection needs client_id".into());
+                err(
+                    &ik.field("client_id"),
+                    "introspection needs client_id".into(),
+                );
             }
             let secret = read_secret(
                 ri.client_secret_env.as_deref(),
@@ -845,8 +1004,12 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
                 "client_secret",
                 &mut err,
             );
-            if secret.is_none() && ri.client_secret_env.is_none() && ri.client_secret_file.is_none() {
-                err(&ik, "introspection needs client_secret_env or client_secret_file".into());
+            if secret.is_none() && ri.client_secret_env.is_none() && ri.client_secret_file.is_none()
+            {
+                err(
+                    &ik,
+                    "introspection needs client_secret_env or client_secret_file".into(),
+                );
             }
             Some(IntrospectionSettings {
                 uri: ri.introspection_uri.clone(),
@@ -897,9 +1060,14 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
     let state = match raw.state.backend.as_str() {
         "file" => StateConfig::File(resolve(&raw.state.path)),
         "redis" => match &raw.state.url {
-            Some(u) if u.starts_with("redis://") || u.starts_with("rediss://") => StateConfig::Redis(u.clone()),
+            Some(u) if u.starts_with("redis://") || u.starts_with("rediss://") => {
+                StateConfig::Redis(u.clone())
+            }
             Some(u) => {
-                err(&stk.field("url"), format!("`{u}` is not a redis:// or rediss:// URL"));
+                err(
+                    &stk.field("url"),
+                    format!("`{u}` is not a redis:// or rediss:// URL"),
+                );
                 StateConfig::Redis(u.clone())
             }
             None => {
@@ -908,28 +1076,43 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             }
         },
         other => {
-            err(&stk.field("backend"), format!("unknown backend `{other}`; valid: file, redis"));
+            err(
+                &stk.field("backend"),
+                format!("unknown backend `{other}`; valid: file, redis"),
+            );
             StateConfig::File(resolve(&raw.state.path))
         }
     };
 
     // [[routes]]
     let mut routes = Vec::new();
+    let mut warnings = Vec::new();
     let mut route_names = HashSet::new();
     let mut matchers: BTreeMap<(Option<String>, String), String> = BTreeMap::new();
     for (i, rr) in raw.routes.iter().enumerate() {
         let rk = k.field("routes").index(i);
         if !valid_name(&rr.name) {
-            err(&rk.field("name"), format!("`{}` is not a valid name (letters, digits, '-', '_')", rr.name));
+            err(
+                &rk.field("name"),
+                format!(
+                    "`{}` is not a valid name (letters, digits, '-', '_')",
+                    rr.name
+                ),
+            );
         }
         if !route_names.insert(rr.name.clone()) {
-            err(&rk.field("name"), format!("route `{}` is defined twice", rr.name));
+            err(
+                &rk.field("name"),
+                format!("route `{}` is defined twice", rr.name),
+            );
         }
         if !rr.path_prefix.starts_with('/') {
             err(&rk.field("path_prefix"), "must start with '/'".into());
         }
         let host = rr.host.as_ref().map(|h| h.to_ascii_lowercase());
-        if let Some(other) = matchers.insert((host.clone(), rr.path_prefix.clone()), rr.name.clone()) {
+        if let Some(other) =
+            matchers.insert((host.clone(), rr.path_prefix.clone()), rr.name.clone())
+        {
             err(
                 &rk.field("path_prefix"),
                 format!("route `{other}` already matches this host and path prefix"),
@@ -944,7 +1127,15 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         };
         let jurisdiction = match &policy {
             Some(p) => match p.resolve(&rr.jurisdiction) {
-                Some(j) => Some(j),
+                Some(j) => {
+                    if !p.any_group_contains(&j) {
+                        warnings.push(src.error(
+                            &rk.field("jurisdiction"),
+                            format!("no region group contains {j}: only tokens naming {j} itself can reach this route"),
+                        ));
+                    }
+                    Some(j)
+                }
                 None => {
                     err(
                         &rk.field("jurisdiction"),
@@ -959,7 +1150,10 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             None => None,
         };
         if rr.issuers.is_empty() {
-            err(&rk.field("issuers"), "a route needs at least one issuer".into());
+            err(
+                &rk.field("issuers"),
+                "a route needs at least one issuer".into(),
+            );
         }
         for (ii, name) in rr.issuers.iter().enumerate() {
             if !issuer_names.contains(name) {
@@ -974,12 +1168,18 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             "enforce" => Mode::Enforce,
             "monitor" => Mode::Monitor,
             other => {
-                err(&rk.field("mode"), format!("unknown mode `{other}`; valid: enforce, monitor"));
+                err(
+                    &rk.field("mode"),
+                    format!("unknown mode `{other}`; valid: enforce, monitor"),
+                );
                 Mode::Enforce
             }
         };
         if !valid_name(&rr.data_class) {
-            err(&rk.field("data_class"), "letters, digits, '-', '_' only".into());
+            err(
+                &rk.field("data_class"),
+                "letters, digits, '-', '_' only".into(),
+            );
         }
         if let (Some(upstream), Some(jurisdiction)) = (upstream, jurisdiction) {
             routes.push(RouteConfig {
@@ -1007,7 +1207,10 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             handshake_timeout: secs(raw.server.handshake_timeout_seconds),
             header_read_timeout: secs(raw.server.header_read_timeout_seconds),
             shutdown_grace: secs(raw.server.shutdown_grace_seconds),
-            realm: raw.server.realm.unwrap_or_else(|| "residency-gateway".into()),
+            realm: raw
+                .server
+                .realm
+                .unwrap_or_else(|| "residency-gateway".into()),
         },
         upstream: UpstreamConfig {
             connect_timeout: secs(raw.upstream.connect_timeout_seconds),
@@ -1015,7 +1218,15 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             pool_idle_timeout: secs(raw.upstream.pool_idle_timeout_seconds),
             ca_file: upstream_ca,
         },
-        regions_claim: ClaimPath::new(&raw.policy.regions_claim),
+        regions: RegionRules {
+            claim: ClaimPath::new(&raw.policy.regions_claim),
+            scopes: raw
+                .policy
+                .scope_regions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_ascii_uppercase()))
+                .collect(),
+        },
         policy_dir,
         policy: policy?,
         cache: CacheConfig {
@@ -1027,6 +1238,7 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         admin: AdminConfig { token: admin_token },
         state,
         routes,
+        warnings,
     })
 }
 
@@ -1036,19 +1248,28 @@ fn secs(s: f64) -> Duration {
 
 fn check_seconds(s: f64, key: &Key, err: &mut impl FnMut(&Key, String)) {
     if !(s.is_finite() && s > 0.0 && s < 1e9) {
-        err(key, format!("must be a positive number of seconds, not {s}"));
+        err(
+            key,
+            format!("must be a positive number of seconds, not {s}"),
+        );
     }
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn parse_addr(s: &str, key: &Key, err: &mut impl FnMut(&Key, String)) -> Option<SocketAddr> {
     match s.parse() {
         Ok(a) => Some(a),
         Err(_) => {
-            err(key, format!("`{s}` is not an address:port such as 0.0.0.0:8443"));
+            err(
+                key,
+                format!("`{s}` is not an address:port such as 0.0.0.0:8443"),
+            );
             None
         }
     }
@@ -1062,21 +1283,29 @@ pub fn check_fetch_url(url: &str) -> Result<(), String> {
     match uri.scheme_str() {
         Some("https") => Ok(()),
         Some("http") if is_loopback(host) => Ok(()),
-        Some("http") => Err(format!("`{url}`: plain http is allowed only to a loopback address; use https")),
+        Some("http") => Err(format!(
+            "`{url}`: plain http is allowed only to a loopback address; use https"
+        )),
         _ => Err(format!("`{url}` must be an https URL")),
     }
 }
 
 fn is_loopback(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
-    h.eq_ignore_ascii_case("localhost") || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn parse_upstream(s: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = s.parse().map_err(|_| format!("`{s}` is not a URL"))?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
-        _ => return Err(format!("`{s}`: the upstream must be an http:// or https:// URL")),
+        _ => {
+            return Err(format!(
+                "`{s}`: the upstream must be an http:// or https:// URL"
+            ));
+        }
     }
     if uri.authority().is_none() {
         return Err(format!("`{s}` has no host"));
@@ -1098,24 +1327,36 @@ fn read_secret(
 ) -> Option<String> {
     match (env, file) {
         (Some(_), Some(_)) => {
-            err(&key.field(&format!("{what}_file")), format!("set {what}_env or {what}_file, not both"));
+            err(
+                &key.field(&format!("{what}_file")),
+                format!("set {what}_env or {what}_file, not both"),
+            );
             None
         }
         (Some(var), None) => match std::env::var(var) {
             Ok(v) if !v.is_empty() => Some(v),
             _ => {
-                err(&key.field(&format!("{what}_env")), format!("environment variable `{var}` is not set"));
+                err(
+                    &key.field(&format!("{what}_env")),
+                    format!("environment variable `{var}` is not set"),
+                );
                 None
             }
         },
         (None, Some(path)) => match std::fs::read_to_string(path) {
             Ok(v) if !v.trim().is_empty() => Some(v.trim_end_matches(['\r', '\n']).to_string()),
             Ok(_) => {
-                err(&key.field(&format!("{what}_file")), format!("{} is empty", path.display()));
+                err(
+                    &key.field(&format!("{what}_file")),
+                    format!("{} is empty", path.display()),
+                );
                 None
             }
             Err(e) => {
-                err(&key.field(&format!("{what}_file")), format!("cannot read {}: {e}", path.display()));
+                err(
+                    &key.field(&format!("{what}_file")),
+                    format!("cannot read {}: {e}", path.display()),
+                );
                 None
             }
         },

@@ -18,6 +18,7 @@ pub mod audit;
 pub mod config;
 pub mod deny;
 pub mod dev;
+pub mod explain;
 pub mod forward;
 pub mod iso3166;
 pub mod metrics;
@@ -38,5 +39,7 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxErro
 /// A complete, in-memory body.
 pub fn full_body(bytes: bytes::Bytes) -> Body {
     use http_body_util::BodyExt;
-    http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+    http_body_util::Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }

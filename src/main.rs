@@ -4,10 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use residency_gateway::{audit, config::Config, dev, server};
+use residency_gateway::{audit, config::Config, dev, explain, server};
 
 #[derive(Parser)]
-#[command(name = "residency-gateway", version, about = "Stops API traffic from crossing a border the token does not allow")]
+#[command(
+    name = "residency-gateway",
+    version,
+    about = "Stops API traffic from crossing a border the token does not allow"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,6 +29,23 @@ enum Command {
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
     },
+    /// Show the decision a route makes for a token or claims, and why. Exit 0 forward, 3 block,
+    /// 4 token rejected, 1 error.
+    Explain {
+        #[arg(short, long, default_value = "gateway.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        route: String,
+        /// A token to check (verified against its issuer unless --no-verify).
+        #[arg(long, conflicts_with = "claims", required_unless_present = "claims")]
+        token: Option<String>,
+        /// Claims as a JSON object, instead of a token.
+        #[arg(long)]
+        claims: Option<String>,
+        /// Decode the token without verifying it.
+        #[arg(long, requires = "token")]
+        no_verify: bool,
+    },
     /// Run an embedded issuer, two upstreams and the gateway on loopback, and print curl commands.
     Dev {
         /// Run the requests and exit non-zero on any unexpected decision.
@@ -40,7 +61,15 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
-                println!("{}: ok ({} routes, {} issuers)", config.display(), c.routes.len(), c.issuers.len());
+                for w in &c.warnings {
+                    eprintln!("warning: {w}");
+                }
+                println!(
+                    "{}: ok ({} routes, {} issuers)",
+                    config.display(),
+                    c.routes.len(),
+                    c.issuers.len()
+                );
                 ExitCode::SUCCESS
             }
             Err(errors) => {
@@ -56,6 +85,9 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            for w in &cfg.warnings {
+                tracing::warn!("{w}");
+            }
             match server::start(cfg, Some(config)).await {
                 Ok(mut handle) => {
                     tokio::select! {
@@ -70,6 +102,35 @@ async fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Explain {
+            config,
+            route,
+            token,
+            claims,
+            no_verify,
+        } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let input = match (token, claims) {
+                (Some(token), _) => explain::Input::Token {
+                    token,
+                    verify: !no_verify,
+                },
+                (None, Some(c)) => explain::Input::Claims(c),
+                (None, None) => {
+                    eprintln!("explain needs --token or --claims");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let (text, code) = explain::run(&cfg, &route, input).await;
+            print!("{text}");
+            ExitCode::from(code)
         }
         Command::Dev { smoke } => match dev::run(smoke).await {
             Ok(true) => ExitCode::SUCCESS,

@@ -20,7 +20,11 @@ use crate::route::{Route, path_is_normal};
 use crate::runtime::{Gateway, Runtime};
 use crate::token::{Unavailable, extract, fingerprint};
 
-pub async fn handle(rt: Arc<Runtime>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    rt: Arc<Runtime>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let gw = rt.current();
     let mut rec = Record {
@@ -33,13 +37,27 @@ pub async fn handle(rt: Arc<Runtime>, peer: SocketAddr, req: Request<Incoming>) 
     let result = handle_inner(&rt, &gw, peer, req, &mut rec, &mut route).await;
 
     let (mut resp, outcome, reason) = match result {
-        Ok(resp) => (resp, Outcome::Forwarded, rec.would_block.unwrap_or("allowed")),
+        Ok(resp) => (
+            resp,
+            Outcome::Forwarded,
+            rec.would_block.unwrap_or("allowed"),
+        ),
         Err(denial) => {
             let jurisdiction = route.as_ref().map(|r| r.config.jurisdiction);
-            let resp = denial.respond(&gw.config.server.realm, rec.route.as_deref(), jurisdiction.as_ref());
+            let resp = denial.respond(
+                &gw.config.server.realm,
+                rec.route.as_deref(),
+                jurisdiction.as_ref(),
+            );
             if let (Denial::Residency { .. }, Some(r)) = (&denial, &route) {
                 let c = &r.config;
-                rt.metrics.transfer_blocked(&c.name, c.jurisdiction.as_str(), denial.reason(), &c.data_class, false);
+                rt.metrics.transfer_blocked(
+                    &c.name,
+                    c.jurisdiction.as_str(),
+                    denial.reason(),
+                    &c.data_class,
+                    false,
+                );
             }
             (resp, denial.outcome(), denial.reason().as_str())
         }
@@ -49,9 +67,17 @@ pub async fn handle(rt: Arc<Runtime>, peer: SocketAddr, req: Request<Incoming>) 
             r.metrics.outcome(outcome).inc();
             r.metrics.duration.observe(start.elapsed().as_secs_f64());
         }
-        None => rt.metrics.requests.with_label_values(&["", outcome.as_str()]).inc(),
+        None => rt
+            .metrics
+            .requests
+            .with_label_values(&["", outcome.as_str()])
+            .inc(),
     }
-    let decision = if outcome == Outcome::Forwarded { "forward" } else { "block" };
+    let decision = if outcome == Outcome::Forwarded {
+        "forward"
+    } else {
+        "block"
+    };
     rec.emit(decision, reason, resp.status().as_u16());
     if let Ok(id) = HeaderValue::from_str(&rec.request_id) {
         resp.headers_mut().insert("x-request-id", id);
@@ -73,7 +99,11 @@ async fn handle_inner(
     if !path_is_normal(req.uri().path()) {
         return Err(Denial::InvalidPath);
     }
-    let route = gw.router.find(request_host(&req), req.uri().path()).ok_or(Denial::NoRoute)?.clone();
+    let route = gw
+        .router
+        .find(request_host(&req), req.uri().path())
+        .ok_or(Denial::NoRoute)?
+        .clone();
     let rc = &route.config;
     rec.route = Some(rc.name.clone());
     rec.jurisdiction = Some(rc.jurisdiction.to_string());
@@ -93,19 +123,35 @@ async fn handle_inner(
     };
     rec.principal = Some(principal.clone());
 
-    if let Err(refusal) = gw.config.policy.decide(&principal.allowed_regions, &rc.jurisdiction) {
+    if let Err(refusal) = gw
+        .config
+        .policy
+        .decide(&principal.allowed_regions, &rc.jurisdiction)
+    {
         let block = Block::Policy(refusal);
-        let denial = Denial::Residency { block, route: rc.name.clone(), jurisdiction: rc.jurisdiction };
+        let denial = Denial::Residency {
+            block,
+            route: rc.name.clone(),
+            jurisdiction: rc.jurisdiction,
+        };
         match rc.mode {
             Mode::Enforce => return Err(denial),
             Mode::Monitor => {
                 let reason = denial.reason();
                 rec.would_block = Some(reason.as_str());
-                rt.metrics.transfer_blocked(&rc.name, rc.jurisdiction.as_str(), reason, &rc.data_class, true);
+                rt.metrics.transfer_blocked(
+                    &rc.name,
+                    rc.jurisdiction.as_str(),
+                    reason,
+                    &rc.data_class,
+                    true,
+                );
             }
         }
     }
 
     let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
-    gw.forwarder.forward(&route, req, peer, &rec.request_id).await
+    gw.forwarder
+        .forward(&route, req, peer, &rec.request_id)
+        .await
 }

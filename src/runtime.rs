@@ -57,7 +57,13 @@ impl Gateway {
                 }
             }));
         }
-        Ok(Gateway { config, router, verifier, forwarder, refreshers })
+        Ok(Gateway {
+            config,
+            router,
+            verifier,
+            forwarder,
+            refreshers,
+        })
     }
 }
 
