@@ -29,9 +29,7 @@ impl Record {
     /// Writes the line. `decision` is `forward` or `block`; `reason` a stable reason code.
     pub fn emit(&self, decision: &str, reason: &str, status: u16) {
         let p = self.principal.as_deref();
-        let regions = p
-            .and_then(|p| p.allowed_regions.as_ref())
-            .map(|r| r.join(" "));
+        let regions = p.and_then(|p| p.allowed_regions.as_ref()).map(|r| r.join(" "));
         tracing::info!(
             target: "audit",
             request_id = %self.request_id,
@@ -73,13 +71,8 @@ pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-            m.target() != "audit"
-        }))
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target() != "audit"))
         .with_filter(env);
-    let _ = tracing_subscriber::registry()
-        .with(audit)
-        .with(logs)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(audit).with(logs).try_init();
     guard
 }

@@ -34,12 +34,7 @@ pub struct ConfigError {
 impl ConfigError {
     /// A problem with a file as a whole (unreadable, missing directory).
     pub fn file(file: &Path, message: impl Into<String>) -> Self {
-        ConfigError {
-            file: file.to_path_buf(),
-            line: None,
-            key: String::new(),
-            message: message.into(),
-        }
+        ConfigError { file: file.to_path_buf(), line: None, key: String::new(), message: message.into() }
     }
 }
 
@@ -129,10 +124,7 @@ impl Source {
 
     /// Checks the TOML syntax; the error names the line where parsing stopped.
     pub fn from_text(file: impl AsRef<Path>, text: String) -> Result<Source, ConfigError> {
-        let src = Source {
-            file: file.as_ref().to_path_buf(),
-            text,
-        };
+        let src = Source { file: file.as_ref().to_path_buf(), text };
         if let Err(e) = DeTable::parse(&src.text) {
             let line = e.span().map(|s| src.line_at(s.start));
             return Err(ConfigError {
@@ -146,11 +138,7 @@ impl Source {
     }
 
     fn line_at(&self, offset: usize) -> usize {
-        self.text.as_bytes()[..offset.min(self.text.len())]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
+        self.text.as_bytes()[..offset.min(self.text.len())].iter().filter(|&&b| b == b'\n').count() + 1
     }
 
     /// Deserialises the whole file. Unknown keys and type errors become errors with lines; `None` when
@@ -164,8 +152,7 @@ impl Source {
             }
         };
         let mut unknown = Vec::new();
-        let result: Result<T, _> =
-            serde_ignored::deserialize(de, |path| unknown.push(ignored_key(&path)));
+        let result: Result<T, _> = serde_ignored::deserialize(de, |path| unknown.push(ignored_key(&path)));
         for key in unknown {
             errors.push(self.error(&key, "unknown key"));
         }
@@ -183,12 +170,7 @@ impl Source {
             Some(span) => (Some(self.line_at(span.start)), self.key_at(span.start)),
             None => (None, String::new()),
         };
-        ConfigError {
-            file: self.file.clone(),
-            line,
-            key,
-            message: e.message().trim().to_string(),
-        }
+        ConfigError { file: self.file.clone(), line, key, message: e.message().trim().to_string() }
     }
 
     /// An error about `key`, with the line where that key (or the nearest enclosing one) is written.
@@ -213,9 +195,7 @@ impl Source {
                         Some(DeValue::Table(t)) => Some(t),
                         _ => None,
                     })?;
-                    let (k, v) = t
-                        .iter()
-                        .find(|(k, _)| k.get_ref().as_ref() == name.as_str())?;
+                    let (k, v) = t.iter().find(|(k, _)| k.get_ref().as_ref() == name.as_str())?;
                     best = Some(k.span().start);
                     table = None;
                     value = Some(v.get_ref());
@@ -264,12 +244,7 @@ impl Source {
             return String::new();
         };
         let mut out = Key::root();
-        walk(
-            &DeValue::Table(doc.into_inner()),
-            offset,
-            Key::root(),
-            &mut out,
-        );
+        walk(&DeValue::Table(doc.into_inner()), offset, Key::root(), &mut out);
         out.to_string()
     }
 }
@@ -451,6 +426,8 @@ struct RawState {
     #[serde(default = "defaults::state_path")]
     path: PathBuf,
     url: Option<String>,
+    #[serde(default = "defaults::state_prefix")]
+    key_prefix: String,
 }
 
 impl Default for RawState {
@@ -459,6 +436,7 @@ impl Default for RawState {
             backend: defaults::state_backend(),
             path: defaults::state_path(),
             url: None,
+            key_prefix: defaults::state_prefix(),
         }
     }
 }
@@ -544,6 +522,9 @@ mod defaults {
     pub fn state_path() -> PathBuf {
         "state/gateway-state.json".into()
     }
+    pub fn state_prefix() -> String {
+        "residency-gateway".into()
+    }
     pub fn mode() -> String {
         "enforce".into()
     }
@@ -616,10 +597,7 @@ pub struct ClaimPath {
 
 impl ClaimPath {
     pub fn new(name: &str) -> ClaimPath {
-        ClaimPath {
-            name: name.to_string(),
-            segments: name.split('.').map(str::to_string).collect(),
-        }
+        ClaimPath { name: name.to_string(), segments: name.split('.').map(str::to_string).collect() }
     }
 
     /// Looks the claim up: a literal top-level key wins (claim names may be URLs with dots), otherwise
@@ -698,7 +676,7 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateConfig {
     File(PathBuf),
-    Redis(String),
+    Redis { url: String, prefix: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -748,11 +726,7 @@ impl Config {
 fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Option<Config> {
     let base = src.file.parent().map(Path::to_path_buf).unwrap_or_default();
     let resolve = |p: &Path| {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base.join(p)
-        }
+        if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
     };
     let k = Key::root();
     let mut err = |key: &Key, msg: String| errors.push(src.error(key, msg));
@@ -760,44 +734,17 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
     // [server]
     let sk = k.field("server");
     let listen = parse_addr(&raw.server.listen, &sk.field("listen"), &mut err);
-    let admin_listen = raw
-        .server
-        .admin_listen
-        .as_deref()
-        .and_then(|a| parse_addr(a, &sk.field("admin_listen"), &mut err));
+    let admin_listen =
+        raw.server.admin_listen.as_deref().and_then(|a| parse_addr(a, &sk.field("admin_listen"), &mut err));
     let durations = [
-        (
-            &sk.field("handshake_timeout_seconds"),
-            raw.server.handshake_timeout_seconds,
-        ),
-        (
-            &sk.field("header_read_timeout_seconds"),
-            raw.server.header_read_timeout_seconds,
-        ),
-        (
-            &sk.field("shutdown_grace_seconds"),
-            raw.server.shutdown_grace_seconds,
-        ),
-        (
-            &k.field("upstream").field("connect_timeout_seconds"),
-            raw.upstream.connect_timeout_seconds,
-        ),
-        (
-            &k.field("upstream").field("response_timeout_seconds"),
-            raw.upstream.response_timeout_seconds,
-        ),
-        (
-            &k.field("upstream").field("pool_idle_timeout_seconds"),
-            raw.upstream.pool_idle_timeout_seconds,
-        ),
-        (
-            &k.field("cache").field("max_ttl_seconds"),
-            raw.cache.max_ttl_seconds,
-        ),
-        (
-            &k.field("cache").field("negative_ttl_seconds"),
-            raw.cache.negative_ttl_seconds,
-        ),
+        (&sk.field("handshake_timeout_seconds"), raw.server.handshake_timeout_seconds),
+        (&sk.field("header_read_timeout_seconds"), raw.server.header_read_timeout_seconds),
+        (&sk.field("shutdown_grace_seconds"), raw.server.shutdown_grace_seconds),
+        (&k.field("upstream").field("connect_timeout_seconds"), raw.upstream.connect_timeout_seconds),
+        (&k.field("upstream").field("response_timeout_seconds"), raw.upstream.response_timeout_seconds),
+        (&k.field("upstream").field("pool_idle_timeout_seconds"), raw.upstream.pool_idle_timeout_seconds),
+        (&k.field("cache").field("max_ttl_seconds"), raw.cache.max_ttl_seconds),
+        (&k.field("cache").field("negative_ttl_seconds"), raw.cache.negative_ttl_seconds),
     ];
     for (key, secs) in durations {
         check_seconds(secs, key, &mut err);
@@ -808,18 +755,8 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         cert: resolve(&raw.server.tls.cert),
         key: resolve(&raw.server.tls.key),
         min_version: raw.server.tls.min_version.clone(),
-        cipher_suites: raw
-            .server
-            .tls
-            .cipher_suites
-            .clone()
-            .unwrap_or_else(tls::default_cipher_suites),
-        key_exchange_groups: raw
-            .server
-            .tls
-            .key_exchange_groups
-            .clone()
-            .unwrap_or_else(tls::default_groups),
+        cipher_suites: raw.server.tls.cipher_suites.clone().unwrap_or_else(tls::default_cipher_suites),
+        key_exchange_groups: raw.server.tls.key_exchange_groups.clone().unwrap_or_else(tls::default_groups),
     };
     let server_tls = match tls::ServerTls::build(&tls_settings) {
         Ok(t) => Some(t),
@@ -846,10 +783,7 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         Err(mut perrs) => {
             for e in &mut perrs {
                 if e.key.is_empty() && e.line.is_none() {
-                    *e = src.error(
-                        &pk.field("dir"),
-                        format!("{}: {}", e.file.display(), e.message),
-                    );
+                    *e = src.error(&pk.field("dir"), format!("{}: {}", e.file.display(), e.message));
                 }
             }
             policy_errors = perrs;
@@ -861,13 +795,10 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
     }
     if let Some(p) = &policy {
         for (scope, target) in &raw.policy.scope_regions {
-            if !p.has_group(target) && !Jurisdiction::parse(target).is_some_and(|j| j.is_assigned())
-            {
+            if !p.has_group(target) && !Jurisdiction::parse(target).is_some_and(|j| j.is_assigned()) {
                 err(
                     &pk.field("scope_regions").field(scope),
-                    format!(
-                        "`{target}` is neither a region group nor an ISO 3166 jurisdiction code"
-                    ),
+                    format!("`{target}` is neither a region group nor an ISO 3166 jurisdiction code"),
                 );
             }
         }
@@ -879,19 +810,10 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
     for (i, ri) in raw.issuers.iter().enumerate() {
         let ik = k.field("issuers").index(i);
         if !valid_name(&ri.name) {
-            err(
-                &ik.field("name"),
-                format!(
-                    "`{}` is not a valid name (letters, digits, '-', '_')",
-                    ri.name
-                ),
-            );
+            err(&ik.field("name"), format!("`{}` is not a valid name (letters, digits, '-', '_')", ri.name));
         }
         if !issuer_names.insert(ri.name.clone()) {
-            err(
-                &ik.field("name"),
-                format!("issuer `{}` is defined twice", ri.name),
-            );
+            err(&ik.field("name"), format!("issuer `{}` is defined twice", ri.name));
         }
         if ri.issuer.is_empty() {
             err(&ik.field("issuer"), "must not be empty".into());
@@ -907,16 +829,10 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         let wants_jwt = ri.jwks_uri.is_some() || ri.jwks_file.is_some();
         let wants_introspection = ri.introspection_uri.is_some() || ri.client_id.is_some();
         if !wants_jwt && !wants_introspection && ri.discovery_url.is_none() {
-            err(
-                &ik,
-                "an issuer needs jwks_uri, jwks_file, introspection_uri or discovery_url".into(),
-            );
+            err(&ik, "an issuer needs jwks_uri, jwks_file, introspection_uri or discovery_url".into());
         }
         if ri.jwks_uri.is_some() && ri.jwks_file.is_some() {
-            err(
-                &ik.field("jwks_file"),
-                "set jwks_uri or jwks_file, not both".into(),
-            );
+            err(&ik.field("jwks_file"), "set jwks_uri or jwks_file, not both".into());
         }
         for (key, url) in [
             ("jwks_uri", &ri.jwks_uri),
@@ -932,14 +848,10 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         let mut algorithms = Vec::new();
         for (ai, name) in ri.algorithms.iter().enumerate() {
             match name.parse::<Algorithm>() {
-                Ok(a) if matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => {
-                    err(
-                        &ik.field("algorithms").index(ai),
-                        format!(
-                            "`{name}` is a shared-secret algorithm; only public-key algorithms are accepted"
-                        ),
-                    )
-                }
+                Ok(a) if matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => err(
+                    &ik.field("algorithms").index(ai),
+                    format!("`{name}` is a shared-secret algorithm; only public-key algorithms are accepted"),
+                ),
                 Ok(a) => algorithms.push(a),
                 Err(_) => err(
                     &ik.field("algorithms").index(ai),
@@ -950,32 +862,21 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             }
         }
         if algorithms.is_empty() && (wants_jwt || ri.discovery_url.is_some()) {
-            err(
-                &ik.field("algorithms"),
-                "at least one algorithm is needed".into(),
-            );
+            err(&ik.field("algorithms"), "at least one algorithm is needed".into());
         }
-        if (wants_jwt || ri.discovery_url.is_some())
-            && ri.audiences.is_empty()
-            && !wants_introspection
-        {
-            err(
-                &ik.field("audiences"),
-                "at least one audience is needed: `aud` is always checked".into(),
-            );
+        if (wants_jwt || ri.discovery_url.is_some()) && ri.audiences.is_empty() && !wants_introspection {
+            err(&ik.field("audiences"), "at least one audience is needed: `aud` is always checked".into());
         }
-        let jwt = (wants_jwt || (ri.discovery_url.is_some() && !wants_introspection)).then(|| {
-            JwtSettings {
-                keys: match (&ri.jwks_uri, &ri.jwks_file) {
-                    (Some(u), _) => Some(KeySource::Uri(u.clone())),
-                    (None, Some(f)) => Some(KeySource::File(resolve(f))),
-                    (None, None) => None,
-                },
-                algorithms: algorithms.clone(),
-                refresh: secs(ri.jwks_refresh_seconds),
-                min_refresh: secs(ri.jwks_min_refresh_seconds),
-                max_stale: secs(ri.jwks_max_stale_seconds),
-            }
+        let jwt = (wants_jwt || (ri.discovery_url.is_some() && !wants_introspection)).then(|| JwtSettings {
+            keys: match (&ri.jwks_uri, &ri.jwks_file) {
+                (Some(u), _) => Some(KeySource::Uri(u.clone())),
+                (None, Some(f)) => Some(KeySource::File(resolve(f))),
+                (None, None) => None,
+            },
+            algorithms: algorithms.clone(),
+            refresh: secs(ri.jwks_refresh_seconds),
+            min_refresh: secs(ri.jwks_min_refresh_seconds),
+            max_stale: secs(ri.jwks_max_stale_seconds),
         });
         let introspection = if wants_introspection {
             let client_auth = match ri.client_auth.as_str() {
@@ -992,10 +893,7 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
                 }
             };
             if ri.client_id.is_none() {
-                err(
-                    &ik.field("client_id"),
-                    "introspection needs client_id".into(),
-                );
+                err(&ik.field("client_id"), "introspection needs client_id".into());
             }
             let secret = read_secret(
                 ri.client_secret_env.as_deref(),
@@ -1004,12 +902,8 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
                 "client_secret",
                 &mut err,
             );
-            if secret.is_none() && ri.client_secret_env.is_none() && ri.client_secret_file.is_none()
-            {
-                err(
-                    &ik,
-                    "introspection needs client_secret_env or client_secret_file".into(),
-                );
+            if secret.is_none() && ri.client_secret_env.is_none() && ri.client_secret_file.is_none() {
+                err(&ik, "introspection needs client_secret_env or client_secret_file".into());
             }
             Some(IntrospectionSettings {
                 uri: ri.introspection_uri.clone(),
@@ -1059,27 +953,17 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
     let stk = k.field("state");
     let state = match raw.state.backend.as_str() {
         "file" => StateConfig::File(resolve(&raw.state.path)),
-        "redis" => match &raw.state.url {
-            Some(u) if u.starts_with("redis://") || u.starts_with("rediss://") => {
-                StateConfig::Redis(u.clone())
-            }
-            Some(u) => {
-                err(
-                    &stk.field("url"),
-                    format!("`{u}` is not a redis:// or rediss:// URL"),
-                );
-                StateConfig::Redis(u.clone())
-            }
-            None => {
+        "redis" => {
+            let url = raw.state.url.clone().unwrap_or_default();
+            if raw.state.url.is_none() {
                 err(&stk.field("url"), "the redis backend needs url".into());
-                StateConfig::Redis(String::new())
+            } else if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                err(&stk.field("url"), format!("`{url}` is not a redis:// or rediss:// URL"));
             }
-        },
+            StateConfig::Redis { url, prefix: raw.state.key_prefix.clone() }
+        }
         other => {
-            err(
-                &stk.field("backend"),
-                format!("unknown backend `{other}`; valid: file, redis"),
-            );
+            err(&stk.field("backend"), format!("unknown backend `{other}`; valid: file, redis"));
             StateConfig::File(resolve(&raw.state.path))
         }
     };
@@ -1092,27 +976,16 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
     for (i, rr) in raw.routes.iter().enumerate() {
         let rk = k.field("routes").index(i);
         if !valid_name(&rr.name) {
-            err(
-                &rk.field("name"),
-                format!(
-                    "`{}` is not a valid name (letters, digits, '-', '_')",
-                    rr.name
-                ),
-            );
+            err(&rk.field("name"), format!("`{}` is not a valid name (letters, digits, '-', '_')", rr.name));
         }
         if !route_names.insert(rr.name.clone()) {
-            err(
-                &rk.field("name"),
-                format!("route `{}` is defined twice", rr.name),
-            );
+            err(&rk.field("name"), format!("route `{}` is defined twice", rr.name));
         }
         if !rr.path_prefix.starts_with('/') {
             err(&rk.field("path_prefix"), "must start with '/'".into());
         }
         let host = rr.host.as_ref().map(|h| h.to_ascii_lowercase());
-        if let Some(other) =
-            matchers.insert((host.clone(), rr.path_prefix.clone()), rr.name.clone())
-        {
+        if let Some(other) = matchers.insert((host.clone(), rr.path_prefix.clone()), rr.name.clone()) {
             err(
                 &rk.field("path_prefix"),
                 format!("route `{other}` already matches this host and path prefix"),
@@ -1150,10 +1023,7 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             None => None,
         };
         if rr.issuers.is_empty() {
-            err(
-                &rk.field("issuers"),
-                "a route needs at least one issuer".into(),
-            );
+            err(&rk.field("issuers"), "a route needs at least one issuer".into());
         }
         for (ii, name) in rr.issuers.iter().enumerate() {
             if !issuer_names.contains(name) {
@@ -1168,18 +1038,12 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             "enforce" => Mode::Enforce,
             "monitor" => Mode::Monitor,
             other => {
-                err(
-                    &rk.field("mode"),
-                    format!("unknown mode `{other}`; valid: enforce, monitor"),
-                );
+                err(&rk.field("mode"), format!("unknown mode `{other}`; valid: enforce, monitor"));
                 Mode::Enforce
             }
         };
         if !valid_name(&rr.data_class) {
-            err(
-                &rk.field("data_class"),
-                "letters, digits, '-', '_' only".into(),
-            );
+            err(&rk.field("data_class"), "letters, digits, '-', '_' only".into());
         }
         if let (Some(upstream), Some(jurisdiction)) = (upstream, jurisdiction) {
             routes.push(RouteConfig {
@@ -1207,10 +1071,7 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             handshake_timeout: secs(raw.server.handshake_timeout_seconds),
             header_read_timeout: secs(raw.server.header_read_timeout_seconds),
             shutdown_grace: secs(raw.server.shutdown_grace_seconds),
-            realm: raw
-                .server
-                .realm
-                .unwrap_or_else(|| "residency-gateway".into()),
+            realm: raw.server.realm.unwrap_or_else(|| "residency-gateway".into()),
         },
         upstream: UpstreamConfig {
             connect_timeout: secs(raw.upstream.connect_timeout_seconds),
@@ -1248,28 +1109,19 @@ fn secs(s: f64) -> Duration {
 
 fn check_seconds(s: f64, key: &Key, err: &mut impl FnMut(&Key, String)) {
     if !(s.is_finite() && s > 0.0 && s < 1e9) {
-        err(
-            key,
-            format!("must be a positive number of seconds, not {s}"),
-        );
+        err(key, format!("must be a positive number of seconds, not {s}"));
     }
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn parse_addr(s: &str, key: &Key, err: &mut impl FnMut(&Key, String)) -> Option<SocketAddr> {
     match s.parse() {
         Ok(a) => Some(a),
         Err(_) => {
-            err(
-                key,
-                format!("`{s}` is not an address:port such as 0.0.0.0:8443"),
-            );
+            err(key, format!("`{s}` is not an address:port such as 0.0.0.0:8443"));
             None
         }
     }
@@ -1283,18 +1135,14 @@ pub fn check_fetch_url(url: &str) -> Result<(), String> {
     match uri.scheme_str() {
         Some("https") => Ok(()),
         Some("http") if is_loopback(host) => Ok(()),
-        Some("http") => Err(format!(
-            "`{url}`: plain http is allowed only to a loopback address; use https"
-        )),
+        Some("http") => Err(format!("`{url}`: plain http is allowed only to a loopback address; use https")),
         _ => Err(format!("`{url}` must be an https URL")),
     }
 }
 
 fn is_loopback(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
-    h.eq_ignore_ascii_case("localhost")
-        || h.parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    h.eq_ignore_ascii_case("localhost") || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn parse_upstream(s: &str) -> Result<http::Uri, String> {
@@ -1302,9 +1150,7 @@ fn parse_upstream(s: &str) -> Result<http::Uri, String> {
     match uri.scheme_str() {
         Some("http" | "https") => {}
         _ => {
-            return Err(format!(
-                "`{s}`: the upstream must be an http:// or https:// URL"
-            ));
+            return Err(format!("`{s}`: the upstream must be an http:// or https:// URL"));
         }
     }
     if uri.authority().is_none() {
@@ -1327,36 +1173,24 @@ fn read_secret(
 ) -> Option<String> {
     match (env, file) {
         (Some(_), Some(_)) => {
-            err(
-                &key.field(&format!("{what}_file")),
-                format!("set {what}_env or {what}_file, not both"),
-            );
+            err(&key.field(&format!("{what}_file")), format!("set {what}_env or {what}_file, not both"));
             None
         }
         (Some(var), None) => match std::env::var(var) {
             Ok(v) if !v.is_empty() => Some(v),
             _ => {
-                err(
-                    &key.field(&format!("{what}_env")),
-                    format!("environment variable `{var}` is not set"),
-                );
+                err(&key.field(&format!("{what}_env")), format!("environment variable `{var}` is not set"));
                 None
             }
         },
         (None, Some(path)) => match std::fs::read_to_string(path) {
             Ok(v) if !v.trim().is_empty() => Some(v.trim_end_matches(['\r', '\n']).to_string()),
             Ok(_) => {
-                err(
-                    &key.field(&format!("{what}_file")),
-                    format!("{} is empty", path.display()),
-                );
+                err(&key.field(&format!("{what}_file")), format!("{} is empty", path.display()));
                 None
             }
             Err(e) => {
-                err(
-                    &key.field(&format!("{what}_file")),
-                    format!("cannot read {}: {e}", path.display()),
-                );
+                err(&key.field(&format!("{what}_file")), format!("cannot read {}: {e}", path.display()));
                 None
             }
         },

@@ -116,11 +116,7 @@ pub enum Denial {
     #[error("{0}")]
     Token(#[from] TokenError),
     #[error("{}", block_detail(*.block, .jurisdiction, .route))]
-    Residency {
-        block: Block,
-        route: String,
-        jurisdiction: Jurisdiction,
-    },
+    Residency { block: Block, route: String, jurisdiction: Jurisdiction },
     #[error("the token service could not be reached; try again later")]
     TokenService,
     #[error("the upstream could not be reached")]
@@ -139,8 +135,7 @@ fn block_detail(block: Block, jurisdiction: &Jurisdiction, route: &str) -> Strin
             )
         }
         Block::Policy(Refusal::NoResidencyClaim) => {
-            "the token carries no usable allowed-regions claim, so no transfer is allowed"
-                .to_string()
+            "the token carries no usable allowed-regions claim, so no transfer is allowed".to_string()
         }
         Block::Halted => {
             format!("transfers to {jurisdiction} on route {route} are halted by the operator")
@@ -158,18 +153,13 @@ impl Denial {
             Denial::DuplicateToken => Reason::DuplicateToken,
             Denial::TokenInUrl => Reason::TokenInUrl,
             Denial::Token(e) => e.reason(),
-            Denial::Residency {
-                block: Block::Policy(Refusal::RegionNotAllowed),
-                ..
-            } => Reason::RegionNotAllowed,
-            Denial::Residency {
-                block: Block::Policy(Refusal::NoResidencyClaim),
-                ..
-            } => Reason::NoResidencyClaim,
-            Denial::Residency {
-                block: Block::Halted,
-                ..
-            } => Reason::FlowHalted,
+            Denial::Residency { block: Block::Policy(Refusal::RegionNotAllowed), .. } => {
+                Reason::RegionNotAllowed
+            }
+            Denial::Residency { block: Block::Policy(Refusal::NoResidencyClaim), .. } => {
+                Reason::NoResidencyClaim
+            }
+            Denial::Residency { block: Block::Halted, .. } => Reason::FlowHalted,
             Denial::TokenService => Reason::TokenServiceUnavailable,
             Denial::UpstreamUnreachable => Reason::UpstreamUnreachable,
             Denial::UpstreamTimeout => Reason::UpstreamTimeout,
@@ -180,12 +170,8 @@ impl Denial {
     pub fn outcome(&self) -> Outcome {
         match self {
             Denial::NoRoute => Outcome::NoRoute,
-            Denial::InvalidPath | Denial::DuplicateToken | Denial::TokenInUrl => {
-                Outcome::BadRequest
-            }
-            Denial::MissingToken | Denial::MalformedToken | Denial::Token(_) => {
-                Outcome::Unauthorized
-            }
+            Denial::InvalidPath | Denial::DuplicateToken | Denial::TokenInUrl => Outcome::BadRequest,
+            Denial::MissingToken | Denial::MalformedToken | Denial::Token(_) => Outcome::Unauthorized,
             Denial::Residency { .. } => Outcome::Blocked,
             Denial::TokenService => Outcome::Unavailable,
             Denial::UpstreamUnreachable | Denial::UpstreamTimeout | Denial::UpstreamInvalid => {
@@ -197,12 +183,8 @@ impl Denial {
     pub fn status(&self) -> StatusCode {
         match self {
             Denial::NoRoute => StatusCode::NOT_FOUND,
-            Denial::InvalidPath | Denial::DuplicateToken | Denial::TokenInUrl => {
-                StatusCode::BAD_REQUEST
-            }
-            Denial::MissingToken | Denial::MalformedToken | Denial::Token(_) => {
-                StatusCode::UNAUTHORIZED
-            }
+            Denial::InvalidPath | Denial::DuplicateToken | Denial::TokenInUrl => StatusCode::BAD_REQUEST,
+            Denial::MissingToken | Denial::MalformedToken | Denial::Token(_) => StatusCode::UNAUTHORIZED,
             Denial::Residency { .. } => StatusCode::FORBIDDEN,
             Denial::TokenService => StatusCode::SERVICE_UNAVAILABLE,
             Denial::UpstreamUnreachable | Denial::UpstreamInvalid => StatusCode::BAD_GATEWAY,
@@ -213,9 +195,7 @@ impl Denial {
     /// The RFC 6750 §3 challenge, when this denial has one.
     fn challenge(&self, realm: &str) -> Option<String> {
         let with_error = |error: &str, description: &str| {
-            format!(
-                "Bearer realm=\"{realm}\", error=\"{error}\", error_description=\"{description}\""
-            )
+            format!("Bearer realm=\"{realm}\", error=\"{error}\", error_description=\"{description}\"")
         };
         match self {
             // §3.1: a request without credentials gets no error code.
@@ -258,14 +238,8 @@ impl Denial {
         let mut resp = Response::new(crate::full_body(Bytes::from(body.to_string())));
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        headers.insert(
-            http::header::CACHE_CONTROL,
-            HeaderValue::from_static("no-store"),
-        );
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(c) = self.challenge(realm) {
             // Every part is ASCII from this crate or the config's realm, which validation keeps printable.
             if let Ok(v) = HeaderValue::from_str(&c) {

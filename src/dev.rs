@@ -27,10 +27,7 @@ pub const EMBEDDED_POLICIES: &[(&str, &str)] = &[
     ("adequacy.toml", include_str!("../policies/adequacy.toml")),
     ("us.toml", include_str!("../policies/us.toml")),
     ("br.toml", include_str!("../policies/br.toml")),
-    (
-        "cloud-regions.toml",
-        include_str!("../policies/cloud-regions.toml"),
-    ),
+    ("cloud-regions.toml", include_str!("../policies/cloud-regions.toml")),
 ];
 
 /// A throwaway certificate authority and the certificates it signs.
@@ -54,27 +51,17 @@ impl Pki {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_key = KeyPair::generate()?;
         let ca_pem = params.self_signed(&ca_key)?.pem();
-        Ok(Pki {
-            ca_pem,
-            ca_params: params,
-            ca_key,
-        })
+        Ok(Pki { ca_pem, ca_params: params, ca_key })
     }
 
     /// A server (or client) certificate for `names` (DNS names or IP addresses).
     pub fn issue(&self, names: &[&str]) -> Result<CertPair, rcgen::Error> {
-        let mut params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
+        let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
         let key = KeyPair::generate()?;
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
         let cert = params.signed_by(&key, &issuer)?;
-        Ok(CertPair {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(CertPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 }
 
@@ -88,10 +75,8 @@ pub struct Signer {
 
 impl Signer {
     pub fn es256(kid: &str) -> Result<Signer, String> {
-        let pair =
-            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
-        let key =
-            EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).map_err(|e| e.to_string())?;
+        let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+        let key = EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).map_err(|e| e.to_string())?;
         Signer::from_key(kid, Algorithm::ES256, key)
     }
 
@@ -102,19 +87,13 @@ impl Signer {
         .map_err(|e| e.to_string())?;
         jwk["kid"] = kid.into();
         jwk["use"] = "sig".into();
-        Ok(Signer {
-            kid: kid.to_string(),
-            alg,
-            key,
-            jwk,
-        })
+        Ok(Signer { kid: kid.to_string(), alg, key, jwk })
     }
 
     pub fn mint(&self, claims: &Value) -> String {
         let mut header = Header::new(self.alg);
         header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.key)
-            .expect("signing with a generated key works")
+        jsonwebtoken::encode(&header, claims, &self.key).expect("signing with a generated key works")
     }
 }
 
@@ -134,9 +113,8 @@ where
                     let h = handler.clone();
                     async move { Ok::<_, Infallible>(h(req).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
             });
         }
     });
@@ -146,10 +124,7 @@ where
 fn json_response(status: StatusCode, v: &Value) -> Response<crate::Body> {
     let mut r = Response::new(crate::full_body(Bytes::from(v.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     r
 }
 
@@ -204,15 +179,9 @@ pub async fn start() -> Result<DevEnv, String> {
         write(&p.join("policies"), name, text)?;
     }
     let pki = Pki::new("residency-gateway dev CA").map_err(|e| e.to_string())?;
-    let leaf = pki
-        .issue(&["localhost", "127.0.0.1"])
-        .map_err(|e| e.to_string())?;
+    let leaf = pki.issue(&["localhost", "127.0.0.1"]).map_err(|e| e.to_string())?;
     write(p, "ca.pem", &pki.ca_pem)?;
-    write(
-        p,
-        "gateway.crt",
-        &format!("{}{}", leaf.cert_pem, pki.ca_pem),
-    )?;
+    write(p, "gateway.crt", &format!("{}{}", leaf.cert_pem, pki.ca_pem))?;
     write(p, "gateway.key", &leaf.key_pem)?;
 
     let signer = Signer::es256("dev-key-1")?;
@@ -223,12 +192,8 @@ pub async fn start() -> Result<DevEnv, String> {
     })
     .await
     .map_err(|e| e.to_string())?;
-    let eu = echo_upstream("orders-de")
-        .await
-        .map_err(|e| e.to_string())?;
-    let us = echo_upstream("orders-us-ca")
-        .await
-        .map_err(|e| e.to_string())?;
+    let eu = echo_upstream("orders-de").await.map_err(|e| e.to_string())?;
+    let us = echo_upstream("orders-us-ca").await.map_err(|e| e.to_string())?;
     let issuer = format!("http://{idp}/");
 
     let listen = bind_or_any("127.0.0.1:8443").await;
@@ -285,18 +250,8 @@ issuers = ["dev-idp"]
         no_claim: mint("no-claim-user", None),
     };
     let base = format!("https://localhost:{}", gateway.addr.port());
-    let metrics_url = gateway
-        .admin_addr
-        .map(|a| format!("http://{a}/metrics"))
-        .unwrap_or_default();
-    Ok(DevEnv {
-        ca_file: p.join("ca.pem"),
-        gateway,
-        dir,
-        base,
-        metrics_url,
-        tokens,
-    })
+    let metrics_url = gateway.admin_addr.map(|a| format!("http://{a}/metrics")).unwrap_or_default();
+    Ok(DevEnv { ca_file: p.join("ca.pem"), gateway, dir, base, metrics_url, tokens })
 }
 
 /// The requests `dev` shows, with the decision each must get.
@@ -359,27 +314,13 @@ fn cases(env: &DevEnv) -> Vec<Case> {
 pub async fn run(smoke: bool) -> Result<bool, String> {
     let env = start().await?;
     let ca = env.ca_file.display();
-    println!(
-        "residency-gateway dev is running on {} (files in {})\n",
-        env.base,
-        env.dir.path().display()
-    );
+    println!("residency-gateway dev is running on {} (files in {})\n", env.base, env.dir.path().display());
     for c in cases(&env) {
-        let auth = c
-            .token
-            .as_ref()
-            .map(|t| format!(" -H 'Authorization: Bearer {t}'"))
-            .unwrap_or_default();
-        println!(
-            "# {} (expect {})\ncurl --cacert {ca} {}{}{auth}\n",
-            c.what, c.status, env.base, c.path
-        );
+        let auth = c.token.as_ref().map(|t| format!(" -H 'Authorization: Bearer {t}'")).unwrap_or_default();
+        println!("# {} (expect {})\ncurl --cacert {ca} {}{}{auth}\n", c.what, c.status, env.base, c.path);
     }
     println!("# a token in the URL is refused before anything else (expect 400)");
-    println!(
-        "curl --cacert {ca} '{}/eu/orders?access_token=x'\n",
-        env.base
-    );
+    println!("curl --cacert {ca} '{}/eu/orders?access_token=x'\n", env.base);
     println!("# metrics\ncurl {}\n", env.metrics_url);
     if !smoke {
         println!("Ctrl-C to stop.");
@@ -393,27 +334,19 @@ pub async fn run(smoke: bool) -> Result<bool, String> {
 }
 
 async fn smoke_run(env: &DevEnv) -> Result<bool, String> {
-    let tls = rustls::ClientConfig::builder_with_provider(
-        rustls::crypto::aws_lc_rs::default_provider().into(),
-    )
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(crate::tls::load_roots(&env.ca_file)?)
-    .with_no_client_auth();
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let tls =
+        rustls::ClientConfig::builder_with_provider(rustls::crypto::aws_lc_rs::default_provider().into())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(crate::tls::load_roots(&env.ca_file)?)
+            .with_no_client_auth();
+    let client = reqwest::Client::builder().use_preconfigured_tls(tls).build().map_err(|e| e.to_string())?;
     let mut all_ok = true;
     let mut check = |what: &str, ok: bool, got: String| {
         println!(
             "{} {what}{}",
             if ok { "PASS" } else { "FAIL" },
-            if ok {
-                String::new()
-            } else {
-                format!(": {got}")
-            }
+            if ok { String::new() } else { format!(": {got}") }
         );
         all_ok &= ok;
     };
@@ -427,25 +360,13 @@ async fn smoke_run(env: &DevEnv) -> Result<bool, String> {
                 let status = resp.status().as_u16();
                 let body: Value = resp.json().await.unwrap_or(Value::Null);
                 let reason = body.get("reason").and_then(Value::as_str).unwrap_or("");
-                check(
-                    c.what,
-                    status == c.status && reason == c.reason,
-                    format!("{status} {reason}"),
-                );
+                check(c.what, status == c.status && reason == c.reason, format!("{status} {reason}"));
             }
             Err(e) => check(c.what, false, e.to_string()),
         }
     }
-    match client
-        .get(format!("{}/eu/orders?access_token=x", env.base))
-        .send()
-        .await
-    {
-        Ok(r) => check(
-            "token in the URL: refused",
-            r.status() == 400,
-            r.status().to_string(),
-        ),
+    match client.get(format!("{}/eu/orders?access_token=x", env.base)).send().await {
+        Ok(r) => check("token in the URL: refused", r.status() == 400, r.status().to_string()),
         Err(e) => check("token in the URL: refused", false, e.to_string()),
     }
     let metrics = client
@@ -459,10 +380,6 @@ async fn smoke_run(env: &DevEnv) -> Result<bool, String> {
     let blocked = metrics.contains(
         "residency_gateway_transfers_blocked_total{data_class=\"personal\",jurisdiction=\"US-CA\",reason=\"region_not_allowed\",route=\"orders-us-ca\"} 1",
     );
-    check(
-        "metrics count the blocked transfer",
-        blocked,
-        "counter missing".into(),
-    );
+    check("metrics count the blocked transfer", blocked, "counter missing".into());
     Ok(all_ok)
 }

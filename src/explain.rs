@@ -30,10 +30,7 @@ pub const EXIT_TOKEN_REJECTED: u8 = 4;
 pub async fn run(config: &Config, route: &str, input: Input) -> (String, u8) {
     let Some(route) = config.routes.iter().find(|r| r.name == route) else {
         let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
-        return (
-            format!("unknown route `{route}`; routes: {}\n", names.join(", ")),
-            EXIT_ERROR,
-        );
+        return (format!("unknown route `{route}`; routes: {}\n", names.join(", ")), EXIT_ERROR);
     };
     let principal = match principal_for(config, route, input).await {
         Ok(p) => p,
@@ -50,10 +47,7 @@ async fn principal_for(
 ) -> Result<Principal, (String, u8)> {
     let from_claims = |claims: Map<String, Value>| {
         let iss = claims.get("iss").and_then(Value::as_str);
-        let issuer = config
-            .issuers
-            .iter()
-            .find(|i| Some(i.issuer.as_str()) == iss);
+        let issuer = config.issuers.iter().find(|i| Some(i.issuer.as_str()) == iss);
         let mut rules = config.regions.clone();
         if let Some(c) = issuer.and_then(|i| i.regions_claim.clone()) {
             rules.claim = c;
@@ -66,20 +60,16 @@ async fn principal_for(
             Ok(claims) => Ok(from_claims(claims)),
             Err(e) => Err((format!("--claims is not a JSON object: {e}\n"), EXIT_ERROR)),
         },
-        Input::Token {
-            token,
-            verify: false,
-        } => match jsonwebtoken::dangerous::insecure_decode::<Map<String, Value>>(&token) {
-            Ok(data) => Ok(from_claims(data.claims)),
-            Err(_) => Err((
-                "the token is not a JWT; opaque tokens can only be explained verified\n".into(),
-                EXIT_ERROR,
-            )),
-        },
-        Input::Token {
-            token,
-            verify: true,
-        } => {
+        Input::Token { token, verify: false } => {
+            match jsonwebtoken::dangerous::insecure_decode::<Map<String, Value>>(&token) {
+                Ok(data) => Ok(from_claims(data.claims)),
+                Err(_) => Err((
+                    "the token is not a JWT; opaque tokens can only be explained verified\n".into(),
+                    EXIT_ERROR,
+                )),
+            }
+        }
+        Input::Token { token, verify: true } => {
             let verifier = Verifier::new(config, &Metrics::new())
                 .await
                 .map_err(|e| (format!("cannot set up token checks: {e}\n"), EXIT_ERROR))?;
@@ -91,10 +81,7 @@ async fn principal_for(
             match verifier.check(route, &token).await {
                 Ok(Ok(p)) => Ok((*p).clone()),
                 Ok(Err(e)) => Err((
-                    format!(
-                        "decision     block\nreason       {}\nwhy          {e}\n",
-                        e.reason().as_str()
-                    ),
+                    format!("decision     block\nreason       {}\nwhy          {e}\n", e.reason().as_str()),
                     EXIT_TOKEN_REJECTED,
                 )),
                 Err(Unavailable) => Err((
@@ -128,11 +115,7 @@ pub fn explain(policy: &Policy, route: &RouteConfig, principal: &Principal) -> (
     let _ = writeln!(
         out,
         "regions      {}",
-        if regions.is_empty() {
-            "(none)".to_string()
-        } else {
-            regions.join(" ")
-        }
+        if regions.is_empty() { "(none)".to_string() } else { regions.join(" ") }
     );
     match policy.decide(&principal.allowed_regions, &target) {
         Ok(i) => {

@@ -67,19 +67,11 @@ impl Forwarder {
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
         // The client's copies go first, so it can neither forge nor strip what the gateway sets.
-        for h in [
-            &X_FORWARDED_FOR,
-            &X_FORWARDED_PROTO,
-            &X_FORWARDED_HOST,
-            &FORWARDED,
-            &X_REQUEST_ID,
-        ] {
+        for h in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &FORWARDED, &X_REQUEST_ID] {
             headers.remove(h);
         }
-        headers.insert(
-            &X_FORWARDED_FOR,
-            HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is ASCII"),
-        );
+        headers
+            .insert(&X_FORWARDED_FOR, HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is ASCII"));
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         if let Some(h) = original_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
             headers.insert(&X_FORWARDED_HOST, h);
@@ -87,20 +79,13 @@ impl Forwarder {
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert(&X_REQUEST_ID, id);
         }
-        if let Some(auth) = upstream
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
+        if let Some(auth) = upstream.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
             headers.insert(header::HOST, auth);
         }
 
         let start = Instant::now();
-        let result =
-            tokio::time::timeout(self.settings.response_timeout, self.client.request(req)).await;
-        route
-            .metrics
-            .upstream
-            .observe(start.elapsed().as_secs_f64());
+        let result = tokio::time::timeout(self.settings.response_timeout, self.client.request(req)).await;
+        route.metrics.upstream.observe(start.elapsed().as_secs_f64());
         let resp = match result {
             Err(_) => return Err(Denial::UpstreamTimeout),
             Ok(Err(e)) if e.is_connect() => {
@@ -115,10 +100,7 @@ impl Forwarder {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(Into::into).boxed_unsync(),
-        ))
+        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()))
     }
 }
 
@@ -191,15 +173,9 @@ mod tests {
 
     #[test]
     fn joins_upstream_paths() {
-        let j = |b: &str, i: &str| {
-            upstream_uri(&b.parse().unwrap(), &i.parse().unwrap())
-                .unwrap()
-                .to_string()
-        };
-        assert_eq!(
-            j("https://up:8443", "/orders/1?x=y"),
-            "https://up:8443/orders/1?x=y"
-        );
+        let j =
+            |b: &str, i: &str| upstream_uri(&b.parse().unwrap(), &i.parse().unwrap()).unwrap().to_string();
+        assert_eq!(j("https://up:8443", "/orders/1?x=y"), "https://up:8443/orders/1?x=y");
         assert_eq!(j("https://up:8443/", "/orders"), "https://up:8443/orders");
         assert_eq!(j("http://up/base/", "/orders"), "http://up/base/orders");
     }
@@ -207,15 +183,9 @@ mod tests {
     #[test]
     fn hop_by_hop() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, X-Secret"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
         h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));

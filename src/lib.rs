@@ -27,6 +27,7 @@ pub mod policy;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod state;
 pub mod tls;
 pub mod token;
 
@@ -39,7 +40,5 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxErro
 /// A complete, in-memory body.
 pub fn full_body(bytes: bytes::Bytes) -> Body {
     use http_body_util::BodyExt;
-    http_body_util::Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
 }

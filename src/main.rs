@@ -64,12 +64,7 @@ async fn main() -> ExitCode {
                 for w in &c.warnings {
                     eprintln!("warning: {w}");
                 }
-                println!(
-                    "{}: ok ({} routes, {} issuers)",
-                    config.display(),
-                    c.routes.len(),
-                    c.issuers.len()
-                );
+                println!("{}: ok ({} routes, {} issuers)", config.display(), c.routes.len(), c.issuers.len());
                 ExitCode::SUCCESS
             }
             Err(errors) => {
@@ -90,9 +85,9 @@ async fn main() -> ExitCode {
             }
             match server::start(cfg, Some(config)).await {
                 Ok(mut handle) => {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = handle.stopped() => {}
+                    if let Err(e) = serve_until_signalled(&mut handle).await {
+                        eprintln!("{e}");
+                        return ExitCode::FAILURE;
                     }
                     handle.shutdown().await;
                     ExitCode::SUCCESS
@@ -103,13 +98,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Explain {
-            config,
-            route,
-            token,
-            claims,
-            no_verify,
-        } => {
+        Command::Explain { config, route, token, claims, no_verify } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(errors) => {
@@ -118,10 +107,7 @@ async fn main() -> ExitCode {
                 }
             };
             let input = match (token, claims) {
-                (Some(token), _) => explain::Input::Token {
-                    token,
-                    verify: !no_verify,
-                },
+                (Some(token), _) => explain::Input::Token { token, verify: !no_verify },
                 (None, Some(c)) => explain::Input::Claims(c),
                 (None, None) => {
                     eprintln!("explain needs --token or --claims");
@@ -140,5 +126,23 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// SIGHUP reloads; SIGTERM and SIGINT return so the caller drains and exits.
+async fn serve_until_signalled(handle: &mut server::Handle) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let runtime = handle.runtime.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => {
+                let _ = runtime.reload().await;
+            }
+            _ = handle.stopped() => return Err("a listener stopped".into()),
+        }
     }
 }

@@ -2,8 +2,7 @@
 //! configured jurisdictions, reason codes, issuer names); never a token, subject or client id.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::deny::{Outcome, Reason};
@@ -30,11 +29,8 @@ pub struct Metrics {
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help).namespace(NS), labels)
-        .expect("valid metric definition");
-    registry
-        .register(Box::new(c.clone()))
-        .expect("metric registered once");
+    let c = IntCounterVec::new(Opts::new(name, help).namespace(NS), labels).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
     c
 }
 
@@ -45,33 +41,22 @@ fn histogram(
     labels: &[&str],
     buckets: Vec<f64>,
 ) -> HistogramVec {
-    let h = HistogramVec::new(
-        HistogramOpts::new(name, help)
-            .namespace(NS)
-            .buckets(buckets),
-        labels,
-    )
-    .expect("valid metric definition");
-    registry
-        .register(Box::new(h.clone()))
-        .expect("metric registered once");
+    let h = HistogramVec::new(HistogramOpts::new(name, help).namespace(NS).buckets(buckets), labels)
+        .expect("valid metric definition");
+    registry.register(Box::new(h.clone())).expect("metric registered once");
     h
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let fast = vec![
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ];
+        let fast = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
         let state_entries = IntGaugeVec::new(
             Opts::new("state_entries", "Active revocations and halts").namespace(NS),
             &["kind"],
         )
         .expect("valid metric definition");
-        registry
-            .register(Box::new(state_entries.clone()))
-            .expect("metric registered once");
+        registry.register(Box::new(state_entries.clone())).expect("metric registered once");
         Metrics {
             requests: counter(
                 &registry,
@@ -130,24 +115,14 @@ impl Metrics {
                 "TLS handshakes that failed, by reason",
                 &["reason"],
             ),
-            jwks_refreshes: counter(
-                &registry,
-                "jwks_refreshes_total",
-                "JWKS fetches",
-                &["issuer", "result"],
-            ),
+            jwks_refreshes: counter(&registry, "jwks_refreshes_total", "JWKS fetches", &["issuer", "result"]),
             jwks_keys_skipped: counter(
                 &registry,
                 "jwks_keys_skipped_total",
                 "Keys in a fetched JWKS that cannot verify signatures (enc keys, unknown kty or alg)",
                 &["issuer", "reason"],
             ),
-            config_reloads: counter(
-                &registry,
-                "config_reloads_total",
-                "Config reloads",
-                &["result"],
-            ),
+            config_reloads: counter(&registry, "config_reloads_total", "Config reloads", &["result"]),
             admin_actions: counter(
                 &registry,
                 "admin_actions_total",
@@ -185,13 +160,8 @@ impl Metrics {
         data_class: &str,
         monitor: bool,
     ) {
-        let vec = if monitor {
-            &self.would_block
-        } else {
-            &self.blocked
-        };
-        vec.with_label_values(&[route, jurisdiction, reason.as_str(), data_class])
-            .inc();
+        let vec = if monitor { &self.would_block } else { &self.blocked };
+        vec.with_label_values(&[route, jurisdiction, reason.as_str(), data_class]).inc();
     }
 }
 

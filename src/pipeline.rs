@@ -18,7 +18,7 @@ use crate::deny::{Block, Denial, Outcome};
 use crate::forward::request_host;
 use crate::route::{Route, path_is_normal};
 use crate::runtime::{Gateway, Runtime};
-use crate::token::{Unavailable, extract, fingerprint};
+use crate::token::{TokenError, Unavailable, extract, fingerprint};
 
 pub async fn handle(
     rt: Arc<Runtime>,
@@ -37,18 +37,10 @@ pub async fn handle(
     let result = handle_inner(&rt, &gw, peer, req, &mut rec, &mut route).await;
 
     let (mut resp, outcome, reason) = match result {
-        Ok(resp) => (
-            resp,
-            Outcome::Forwarded,
-            rec.would_block.unwrap_or("allowed"),
-        ),
+        Ok(resp) => (resp, Outcome::Forwarded, rec.would_block.unwrap_or("allowed")),
         Err(denial) => {
             let jurisdiction = route.as_ref().map(|r| r.config.jurisdiction);
-            let resp = denial.respond(
-                &gw.config.server.realm,
-                rec.route.as_deref(),
-                jurisdiction.as_ref(),
-            );
+            let resp = denial.respond(&gw.config.server.realm, rec.route.as_deref(), jurisdiction.as_ref());
             if let (Denial::Residency { .. }, Some(r)) = (&denial, &route) {
                 let c = &r.config;
                 rt.metrics.transfer_blocked(
@@ -67,17 +59,9 @@ pub async fn handle(
             r.metrics.outcome(outcome).inc();
             r.metrics.duration.observe(start.elapsed().as_secs_f64());
         }
-        None => rt
-            .metrics
-            .requests
-            .with_label_values(&["", outcome.as_str()])
-            .inc(),
+        None => rt.metrics.requests.with_label_values(&["", outcome.as_str()]).inc(),
     }
-    let decision = if outcome == Outcome::Forwarded {
-        "forward"
-    } else {
-        "block"
-    };
+    let decision = if outcome == Outcome::Forwarded { "forward" } else { "block" };
     rec.emit(decision, reason, resp.status().as_u16());
     if let Ok(id) = HeaderValue::from_str(&rec.request_id) {
         resp.headers_mut().insert("x-request-id", id);
@@ -99,11 +83,12 @@ async fn handle_inner(
     if !path_is_normal(req.uri().path()) {
         return Err(Denial::InvalidPath);
     }
-    let route = gw
-        .router
-        .find(request_host(&req), req.uri().path())
-        .ok_or(Denial::NoRoute)?
-        .clone();
+    let path = req.uri().path();
+    // The admin API lives on the admin listener only; the data plane never exposes or forwards it.
+    if path == "/admin" || path.starts_with("/admin/") {
+        return Err(Denial::NoRoute);
+    }
+    let route = gw.router.find(request_host(&req), path).ok_or(Denial::NoRoute)?.clone();
     let rc = &route.config;
     rec.route = Some(rc.name.clone());
     rec.jurisdiction = Some(rc.jurisdiction.to_string());
@@ -123,35 +108,34 @@ async fn handle_inner(
     };
     rec.principal = Some(principal.clone());
 
-    if let Err(refusal) = gw
-        .config
-        .policy
-        .decide(&principal.allowed_regions, &rc.jurisdiction)
-    {
-        let block = Block::Policy(refusal);
-        let denial = Denial::Residency {
-            block,
+    // Revocations and halts are looked up on every request, cached validation or not.
+    if !rt.state.loaded() {
+        return Err(Denial::TokenService);
+    }
+    if rt.state.revoked(&principal).is_some() {
+        return Err(Denial::Token(TokenError::Revoked));
+    }
+    if rt.state.halted(&rc.name, &rc.jurisdiction, &principal.issuer) {
+        return Err(Denial::Residency {
+            block: Block::Halted,
             route: rc.name.clone(),
             jurisdiction: rc.jurisdiction,
-        };
+        });
+    }
+
+    if let Err(refusal) = gw.config.policy.decide(&principal.allowed_regions, &rc.jurisdiction) {
+        let block = Block::Policy(refusal);
+        let denial = Denial::Residency { block, route: rc.name.clone(), jurisdiction: rc.jurisdiction };
         match rc.mode {
             Mode::Enforce => return Err(denial),
             Mode::Monitor => {
                 let reason = denial.reason();
                 rec.would_block = Some(reason.as_str());
-                rt.metrics.transfer_blocked(
-                    &rc.name,
-                    rc.jurisdiction.as_str(),
-                    reason,
-                    &rc.data_class,
-                    true,
-                );
+                rt.metrics.transfer_blocked(&rc.name, rc.jurisdiction.as_str(), reason, &rc.data_class, true);
             }
         }
     }
 
     let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
-    gw.forwarder
-        .forward(&route, req, peer, &rec.request_id)
-        .await
+    gw.forwarder.forward(&route, req, peer, &rec.request_id).await
 }

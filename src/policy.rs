@@ -35,10 +35,7 @@ impl Jurisdiction {
         for (d, s) in buf.iter_mut().zip(b) {
             *d = s.to_ascii_uppercase();
         }
-        Some(Jurisdiction {
-            buf,
-            len: b.len() as u8,
-        })
+        Some(Jurisdiction { buf, len: b.len() as u8 })
     }
 
     pub fn as_str(&self) -> &str {
@@ -65,8 +62,7 @@ impl Jurisdiction {
     /// Whether an allowed entry that is this jurisdiction also allows `target`: itself, or one of
     /// its subdivisions when this is a country (`US` allows `US-CA`; `US-CA` allows neither `US` nor `US-NY`).
     pub fn covers(&self, target: &Jurisdiction) -> bool {
-        self == target
-            || (!self.is_subdivision() && target.is_subdivision() && target.country() == *self)
+        self == target || (!self.is_subdivision() && target.is_subdivision() && target.country() == *self)
     }
 }
 
@@ -118,19 +114,12 @@ pub type AllowedRegions = Option<Vec<String>>;
 
 impl Policy {
     /// Does some entry of `allowed` expand to `target`? Returns the index of the first entry that does.
-    pub fn decide(
-        &self,
-        allowed: &AllowedRegions,
-        target: &Jurisdiction,
-    ) -> Result<usize, Refusal> {
+    pub fn decide(&self, allowed: &AllowedRegions, target: &Jurisdiction) -> Result<usize, Refusal> {
         let allowed = match allowed {
             Some(list) if !list.is_empty() => list,
             _ => return Err(Refusal::NoResidencyClaim),
         };
-        allowed
-            .iter()
-            .position(|entry| self.entry_covers(entry, target))
-            .ok_or(Refusal::RegionNotAllowed)
+        allowed.iter().position(|entry| self.entry_covers(entry, target)).ok_or(Refusal::RegionNotAllowed)
     }
 
     fn entry_covers(&self, entry: &str, target: &Jurisdiction) -> bool {
@@ -163,9 +152,7 @@ impl Policy {
 
     /// True when some group contains `j` (or its country).
     pub fn any_group_contains(&self, j: &Jurisdiction) -> bool {
-        self.groups
-            .values()
-            .any(|g| g.expanded.contains(j) || g.expanded.contains(&j.country()))
+        self.groups.values().any(|g| g.expanded.contains(j) || g.expanded.contains(&j.country()))
     }
 
     /// The chain from an allowed entry down to `target`, for explanations: `["EEA", "EU", "DE"]`.
@@ -205,10 +192,7 @@ impl Policy {
                 .filter(|p| p.extension().is_some_and(|x| x == "toml"))
                 .collect(),
             Err(e) => {
-                return Err(vec![ConfigError::file(
-                    dir,
-                    format!("cannot read policy directory: {e}"),
-                )]);
+                return Err(vec![ConfigError::file(dir, format!("cannot read policy directory: {e}"))]);
             }
         };
         files.sort();
@@ -265,10 +249,7 @@ impl Policy {
                 if let Some((_, other, _)) = raw_groups.get(&upper) {
                     errors.push(src.error(
                         &key,
-                        format!(
-                            "group `{upper}` is already defined in {}",
-                            sources[*other].file.display()
-                        ),
+                        format!("group `{upper}` is already defined in {}", sources[*other].file.display()),
                     ));
                     continue;
                 }
@@ -296,9 +277,7 @@ impl Policy {
                         let message = if looks_like_subdivision(g) {
                             format!("`{g}` is not a valid ISO 3166-2 subdivision code")
                         } else {
-                            format!(
-                                "group `{name}` names `{g}`, which is neither a jurisdiction nor a group"
-                            )
+                            format!("group `{name}` names `{g}`, which is neither a jurisdiction nor a group")
                         };
                         errors.push(sources[*fi].error(&key.index(*i), message));
                     }
@@ -315,10 +294,7 @@ impl Policy {
             }
             groups.insert(
                 name.clone(),
-                Group {
-                    members: members.iter().map(|(_, m)| m.clone()).collect(),
-                    expanded,
-                },
+                Group { members: members.iter().map(|(_, m)| m.clone()).collect(), expanded },
             );
         }
 
@@ -332,36 +308,26 @@ impl Policy {
             } else if raw_groups.contains_key(&target.to_ascii_uppercase()) {
                 errors.push(src.error(
                     &key,
-                    format!(
-                        "alias `{name}` points to group `{target}`; it must name one jurisdiction"
-                    ),
+                    format!("alias `{name}` points to group `{target}`; it must name one jurisdiction"),
                 ));
             } else {
                 match Jurisdiction::parse(&target).filter(Jurisdiction::is_assigned) {
                     Some(j) => {
                         aliases.insert(lower, j);
                     }
-                    None => errors.push(src.error(
-                        &key,
-                        format!("`{target}` is not an ISO 3166 jurisdiction code"),
-                    )),
+                    None => errors
+                        .push(src.error(&key, format!("`{target}` is not an ISO 3166 jurisdiction code"))),
                 }
             }
         }
 
-        if errors.is_empty() {
-            Ok(Policy { groups, aliases })
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(Policy { groups, aliases }) } else { Err(errors) }
     }
 }
 
 fn valid_group_name(name: &str) -> bool {
     name.len() >= 2
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-')
         && !Jurisdiction::parse(name).is_some_and(|j| j.is_assigned())
 }
 
@@ -407,10 +373,7 @@ fn expand(
 /// Anything else (absent, empty, a number, an array holding a non-string) is `None`.
 pub fn regions_from_claim(value: Option<&serde_json::Value>) -> AllowedRegions {
     let list: Vec<String> = match value? {
-        serde_json::Value::String(s) => s
-            .split_ascii_whitespace()
-            .map(str::to_ascii_uppercase)
-            .collect(),
+        serde_json::Value::String(s) => s.split_ascii_whitespace().map(str::to_ascii_uppercase).collect(),
         serde_json::Value::Array(items) => {
             let mut out = Vec::with_capacity(items.len());
             for item in items {
@@ -462,16 +425,11 @@ mod tests {
         assert_eq!(j("de").as_str(), "DE");
         assert_eq!(j("us-ca").as_str(), "US-CA");
         assert_eq!(j("FR-75C").as_str(), "FR-75C");
-        for bad in [
-            "", "D", "DEU", "US-", "US-CAXX", "U1", "US_CA", "1S-CA", "US-C A",
-        ] {
+        for bad in ["", "D", "DEU", "US-", "US-CAXX", "U1", "US_CA", "1S-CA", "US-C A"] {
             assert!(Jurisdiction::parse(bad).is_none(), "{bad}");
         }
         assert!(!j("XX").is_assigned());
-        assert!(
-            j("US-XX").is_assigned(),
-            "only the country part is checked against ISO 3166-1"
-        );
+        assert!(j("US-XX").is_assigned(), "only the country part is checked against ISO 3166-1");
     }
 
     #[test]
@@ -498,11 +456,7 @@ mod tests {
             (&[], "DE", Err(Refusal::NoResidencyClaim)),
         ];
         for (allowed, target, want) in cases {
-            assert_eq!(
-                p.decide(&regions(allowed), &j(target)),
-                *want,
-                "{allowed:?} -> {target}"
-            );
+            assert_eq!(p.decide(&regions(allowed), &j(target)), *want, "{allowed:?} -> {target}");
         }
         assert_eq!(p.decide(&None, &j("DE")), Err(Refusal::NoResidencyClaim));
     }
@@ -528,47 +482,26 @@ mod tests {
     #[test]
     fn claim_shapes() {
         use serde_json::json;
-        assert_eq!(
-            regions_from_claim(Some(&json!(["eu", "US-CA"]))),
-            regions(&["EU", "US-CA"])
-        );
-        assert_eq!(
-            regions_from_claim(Some(&json!("EU  us-ca"))),
-            regions(&["EU", "US-CA"])
-        );
-        for bad in [
-            json!([]),
-            json!(""),
-            json!("  "),
-            json!(7),
-            json!({"a": 1}),
-            json!(["EU", 1]),
-            json!(null),
-        ] {
+        assert_eq!(regions_from_claim(Some(&json!(["eu", "US-CA"]))), regions(&["EU", "US-CA"]));
+        assert_eq!(regions_from_claim(Some(&json!("EU  us-ca"))), regions(&["EU", "US-CA"]));
+        for bad in
+            [json!([]), json!(""), json!("  "), json!(7), json!({"a": 1}), json!(["EU", 1]), json!(null)]
+        {
             assert_eq!(regions_from_claim(Some(&bad)), None, "{bad}");
         }
         assert_eq!(regions_from_claim(None), None);
     }
 
     fn load_errors(files: &[(&str, &str)]) -> Vec<String> {
-        let sources: Vec<Source> = files
-            .iter()
-            .map(|(n, t)| Source::from_text(n, t.to_string()).unwrap())
-            .collect();
-        Policy::from_sources(&sources)
-            .unwrap_err()
-            .into_iter()
-            .map(|e| e.to_string())
-            .collect()
+        let sources: Vec<Source> =
+            files.iter().map(|(n, t)| Source::from_text(n, t.to_string()).unwrap()).collect();
+        Policy::from_sources(&sources).unwrap_err().into_iter().map(|e| e.to_string()).collect()
     }
 
     #[test]
     fn validation_errors_name_file_line_and_key() {
         let errs = load_errors(&[
-            (
-                "a.toml",
-                "[groups]\nEU = [\"DE\", \"XX\"]\nLOOP = [\"LOOP2\"]\nLOOP2 = [\"LOOP\"]\n",
-            ),
+            ("a.toml", "[groups]\nEU = [\"DE\", \"XX\"]\nLOOP = [\"LOOP2\"]\nLOOP2 = [\"LOOP\"]\n"),
             (
                 "b.toml",
                 "[groups]\nEU = [\"FR\"]\nBAD = [\"US-TOOLONG\"]\n[aliases]\n\"x:y\" = \"EU\"\n\"x:z\" = \"QQ\"\n",
@@ -579,22 +512,13 @@ mod tests {
             joined.contains("a.toml:2: groups.EU[1]: group `EU` names `XX`, which is neither"),
             "{joined}"
         );
-        assert!(
-            joined.contains("a.toml:3: groups.LOOP: group cycle: LOOP → LOOP2 → LOOP"),
-            "{joined}"
-        );
-        assert!(
-            joined.contains("b.toml:2: groups.EU: group `EU` is already defined in a.toml"),
-            "{joined}"
-        );
+        assert!(joined.contains("a.toml:3: groups.LOOP: group cycle: LOOP → LOOP2 → LOOP"), "{joined}");
+        assert!(joined.contains("b.toml:2: groups.EU: group `EU` is already defined in a.toml"), "{joined}");
         assert!(
             joined.contains("b.toml:3: groups.BAD[0]: `US-TOOLONG` is not a valid ISO 3166-2"),
             "{joined}"
         );
-        assert!(
-            joined.contains("b.toml:5: aliases.x:y: alias `x:y` points to group `EU`"),
-            "{joined}"
-        );
+        assert!(joined.contains("b.toml:5: aliases.x:y: alias `x:y` points to group `EU`"), "{joined}");
         assert!(
             joined.contains("b.toml:6: aliases.x:z: `QQ` is not an ISO 3166 jurisdiction code"),
             "{joined}"
@@ -605,10 +529,7 @@ mod tests {
     fn unknown_member_and_unknown_key() {
         let errs = load_errors(&[("a.toml", "[groups]\nEU = [\"NOPE\"]\n[other]\nx = 1\n")]);
         let joined = errs.join("\n");
-        assert!(
-            joined.contains("a.toml:2: groups.EU[0]: group `EU` names `NOPE`"),
-            "{joined}"
-        );
+        assert!(joined.contains("a.toml:2: groups.EU[0]: group `EU` names `NOPE`"), "{joined}");
         assert!(joined.contains("a.toml:3: other: unknown key"), "{joined}");
     }
 }
@@ -618,45 +539,36 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
-    const CODES: &[&str] = &[
-        "DE", "FR", "NO", "US", "US-CA", "US-NY", "BR", "BR-SP", "JP", "IE",
-    ];
+    const CODES: &[&str] = &["DE", "FR", "NO", "US", "US-CA", "US-NY", "BR", "BR-SP", "JP", "IE"];
 
     /// Groups G0X..GnX where GiX may contain codes and any GjX with j < i, so there is never a cycle.
     fn groups() -> impl Strategy<Value = Vec<Vec<String>>> {
-        prop::collection::vec(prop::collection::vec(0usize..CODES.len() + 6, 0..6), 1..7).prop_map(
-            |raw| {
-                raw.iter()
-                    .enumerate()
-                    .map(|(i, members)| {
-                        members
-                            .iter()
-                            .filter_map(|&m| match m.checked_sub(CODES.len()) {
-                                None => Some(CODES[m].to_string()),
-                                Some(g) if g < i => Some(format!("G{g}X")),
-                                Some(_) => None,
-                            })
-                            .collect()
-                    })
-                    .collect()
-            },
-        )
+        prop::collection::vec(prop::collection::vec(0usize..CODES.len() + 6, 0..6), 1..7).prop_map(|raw| {
+            raw.iter()
+                .enumerate()
+                .map(|(i, members)| {
+                    members
+                        .iter()
+                        .filter_map(|&m| match m.checked_sub(CODES.len()) {
+                            None => Some(CODES[m].to_string()),
+                            Some(g) if g < i => Some(format!("G{g}X")),
+                            Some(_) => None,
+                        })
+                        .collect()
+                })
+                .collect()
+        })
     }
 
     /// The rule, written the slow way: expand recursively, then apply the subdivision rule.
     fn naive_allows(groups: &[Vec<String>], entry: &str, target: &str) -> bool {
-        let group = entry
-            .strip_prefix('G')
-            .and_then(|g| g.strip_suffix('X'))
-            .and_then(|g| g.parse::<usize>().ok());
+        let group =
+            entry.strip_prefix('G').and_then(|g| g.strip_suffix('X')).and_then(|g| g.parse::<usize>().ok());
         if let Some(i) = group {
             return groups[i].iter().any(|m| naive_allows(groups, m, target));
         }
         entry == target
-            || (entry.len() == 2
-                && target.len() > 3
-                && target.starts_with(entry)
-                && &target[2..3] == "-")
+            || (entry.len() == 2 && target.len() > 3 && target.starts_with(entry) && &target[2..3] == "-")
     }
 
     proptest! {

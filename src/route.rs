@@ -19,19 +19,11 @@ impl Router {
     pub fn new(routes: &[RouteConfig], metrics: &Metrics) -> Router {
         let mut routes: Vec<Arc<Route>> = routes
             .iter()
-            .map(|r| {
-                Arc::new(Route {
-                    config: r.clone(),
-                    metrics: metrics.route(&r.name),
-                })
-            })
+            .map(|r| Arc::new(Route { config: r.clone(), metrics: metrics.route(&r.name) }))
             .collect();
         routes.sort_by(|a, b| {
             let (a, b) = (&a.config, &b.config);
-            b.path_prefix
-                .len()
-                .cmp(&a.path_prefix.len())
-                .then(b.host.is_some().cmp(&a.host.is_some()))
+            b.path_prefix.len().cmp(&a.path_prefix.len()).then(b.host.is_some().cmp(&a.host.is_some()))
         });
         Router { routes }
     }
@@ -73,11 +65,7 @@ pub fn path_is_normal(path: &str) -> bool {
         return path == "*";
     }
     let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains("%00")
-        || path.contains('\\')
-    {
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") || path.contains('\\') {
         return false;
     }
     lower.split('/').all(|seg| {
@@ -104,15 +92,8 @@ mod tests {
     fn normal_paths() {
         assert!(path_is_normal("/orders/1"));
         assert!(path_is_normal("/a.b/c..d"));
-        for bad in [
-            "/orders/../admin",
-            "/orders/./x",
-            "/x/%2e%2e/y",
-            "/x/.%2E/y",
-            "/a%2fb",
-            "/a\\b",
-            "/a%00",
-        ] {
+        for bad in ["/orders/../admin", "/orders/./x", "/x/%2e%2e/y", "/x/.%2E/y", "/a%2fb", "/a\\b", "/a%00"]
+        {
             assert!(!path_is_normal(bad), "{bad}");
         }
     }

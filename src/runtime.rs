@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::route::Router;
+use crate::state::State;
 use crate::token::Verifier;
 
 pub struct Gateway {
@@ -57,32 +58,34 @@ impl Gateway {
                 }
             }));
         }
-        Ok(Gateway {
-            config,
-            router,
-            verifier,
-            forwarder,
-            refreshers,
-        })
+        Ok(Gateway { config, router, verifier, forwarder, refreshers })
     }
 }
 
 pub struct Runtime {
     gateway: ArcSwap<Gateway>,
     pub metrics: Metrics,
+    /// Revocations and halts; outlives config generations.
+    pub state: Arc<State>,
     pub config_path: Option<PathBuf>,
     request_ids: AtomicU64,
     id_prefix: u32,
 }
 
 impl Runtime {
-    pub fn new(gateway: Gateway, metrics: Metrics, config_path: Option<PathBuf>) -> Runtime {
+    pub fn new(
+        gateway: Gateway,
+        metrics: Metrics,
+        state: Arc<State>,
+        config_path: Option<PathBuf>,
+    ) -> Runtime {
         let mut seed = [0u8; 4];
         // Only used to tell replicas' request ids apart; a failure just means a zero prefix.
         let _ = aws_lc_rs::rand::fill(&mut seed);
         Runtime {
             gateway: ArcSwap::from_pointee(gateway),
             metrics,
+            state,
             config_path,
             request_ids: AtomicU64::new(1),
             id_prefix: u32::from_be_bytes(seed),
@@ -102,7 +105,44 @@ impl Runtime {
         format!("{:08x}-{n:010}", self.id_prefix)
     }
 
+    /// Ready when every issuer has keys and the shared state store is reachable.
     pub fn ready(&self) -> bool {
-        self.gateway.load().verifier.ready()
+        self.gateway.load().verifier.ready() && self.state.healthy()
+    }
+
+    /// Re-reads the config, the policies and the certificate. A config that fails validation is
+    /// rejected with its errors and the running one keeps serving; in-flight requests keep the
+    /// generation they started with.
+    pub async fn reload(&self) -> Result<(), String> {
+        let result = self.try_reload().await;
+        let label = if result.is_ok() { "success" } else { "error" };
+        self.metrics.config_reloads.with_label_values(&[label]).inc();
+        match &result {
+            Ok(()) => tracing::info!("config reloaded"),
+            Err(e) => {
+                tracing::error!(errors = %e, "config reload rejected; the running config keeps serving")
+            }
+        }
+        crate::audit::admin("reload", "config", label, result.as_ref().err().map_or("", String::as_str));
+        result
+    }
+
+    async fn try_reload(&self) -> Result<(), String> {
+        let path = self.config_path.as_ref().ok_or("this gateway was not started from a config file")?;
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let old = self.current();
+        let fixed = [
+            (config.server.listen != old.config.server.listen, "server.listen"),
+            (config.server.admin_listen != old.config.server.admin_listen, "server.admin_listen"),
+            (config.state != old.config.state, "state"),
+        ];
+        for (changed, key) in fixed {
+            if changed {
+                tracing::warn!(key, "changed in the config; takes effect only after a restart");
+            }
+        }
+        let gateway = Gateway::build(config, &self.metrics).await?;
+        self.swap(gateway);
+        Ok(())
     }
 }

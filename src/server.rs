@@ -46,20 +46,20 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Handl
     let metrics = Metrics::new();
     let listen = config.server.listen;
     let admin_listen = config.server.admin_listen;
+    let state = crate::state::State::open(&config.state, &metrics).await?;
+    if config.admin.token.is_none() {
+        tracing::warn!("no admin token configured ([admin] token_env or token_file): the admin API is off");
+    }
     let gateway = Gateway::build(config, &metrics).await?;
-    let runtime = Arc::new(Runtime::new(gateway, metrics, config_path));
-    let data = TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let runtime = Arc::new(Runtime::new(gateway, metrics, state, config_path));
+    let data = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = data.local_addr().map_err(|e| e.to_string())?;
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(serve_data(runtime.clone(), data, stop_rx.clone()));
     let admin_addr = match admin_listen {
         Some(a) => {
-            let l = TcpListener::bind(a)
-                .await
-                .map_err(|e| format!("cannot listen on {a}: {e}"))?;
+            let l = TcpListener::bind(a).await.map_err(|e| format!("cannot listen on {a}: {e}"))?;
             let admin_addr = l.local_addr().map_err(|e| e.to_string())?;
             tasks.spawn(crate::admin::serve(runtime.clone(), l, stop_rx));
             Some(admin_addr)
@@ -67,13 +67,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Handl
         None => None,
     };
     tracing::info!(%addr, admin = ?admin_addr, "residency-gateway listening");
-    Ok(Handle {
-        addr,
-        admin_addr,
-        runtime,
-        stop,
-        tasks,
-    })
+    Ok(Handle { addr, admin_addr, runtime, stop, tasks })
 }
 
 async fn serve_data(rt: Arc<Runtime>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
@@ -106,26 +100,17 @@ async fn serve_data(rt: Arc<Runtime>, listener: TcpListener, mut stop: watch::Re
             let tls = match handshake {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    rt.metrics
-                        .tls_failures
-                        .with_label_values(&[crate::tls::failure_reason(&e)])
-                        .inc();
+                    rt.metrics.tls_failures.with_label_values(&[crate::tls::failure_reason(&e)]).inc();
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    rt.metrics
-                        .tls_failures
-                        .with_label_values(&["timeout"])
-                        .inc();
+                    rt.metrics.tls_failures.with_label_values(&["timeout"]).inc();
                     return;
                 }
             };
             let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(server.header_read_timeout);
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(server.header_read_timeout);
             builder.http2().timer(TokioTimer::new());
             drop(gw);
             let svc_rt = rt.clone();

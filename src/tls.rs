@@ -29,9 +29,7 @@ pub fn default_cipher_suites() -> Vec<String> {
 
 /// The hybrid post-quantum group first, then Mozilla intermediate's X25519, P-256 and P-384.
 pub fn default_groups() -> Vec<String> {
-    ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"]
-        .map(String::from)
-        .to_vec()
+    ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"].map(String::from).to_vec()
 }
 
 /// The TLS part of the config, as written.
@@ -79,85 +77,52 @@ impl CryptoPolicy {
         let base = aws_lc_rs::default_provider();
         let mut cipher_suites = Vec::new();
         for name in suites {
-            match aws_lc_rs::ALL_CIPHER_SUITES
-                .iter()
-                .find(|s| s.suite().as_str() == Some(name.as_str()))
-            {
+            match aws_lc_rs::ALL_CIPHER_SUITES.iter().find(|s| s.suite().as_str() == Some(name.as_str())) {
                 Some(s) => cipher_suites.push(*s),
                 None => {
-                    let valid: Vec<&str> = aws_lc_rs::ALL_CIPHER_SUITES
-                        .iter()
-                        .filter_map(|s| s.suite().as_str())
-                        .collect();
+                    let valid: Vec<&str> =
+                        aws_lc_rs::ALL_CIPHER_SUITES.iter().filter_map(|s| s.suite().as_str()).collect();
                     problems.push(Problem {
                         key: "cipher_suites",
-                        message: format!(
-                            "unknown cipher suite `{name}`; valid: {}",
-                            valid.join(", ")
-                        ),
+                        message: format!("unknown cipher suite `{name}`; valid: {}", valid.join(", ")),
                     });
                 }
             }
         }
         // A suite of a version that is switched off would only hide a mistake.
-        let usable = cipher_suites
-            .iter()
-            .any(|s| versions.iter().any(|v| s.version() == *v));
+        let usable = cipher_suites.iter().any(|s| versions.iter().any(|v| s.version() == *v));
         if problems.is_empty() && !usable {
             problems.push(Problem {
                 key: "cipher_suites",
-                message: "no cipher suite in the list is usable with the allowed TLS versions"
-                    .into(),
+                message: "no cipher suite in the list is usable with the allowed TLS versions".into(),
             });
         }
         let mut kx_groups = Vec::new();
         for name in groups {
-            match aws_lc_rs::ALL_KX_GROUPS
-                .iter()
-                .find(|g| format!("{:?}", g.name()) == *name)
-            {
+            match aws_lc_rs::ALL_KX_GROUPS.iter().find(|g| format!("{:?}", g.name()) == *name) {
                 Some(g) => kx_groups.push(*g),
                 None => {
-                    let valid: Vec<String> = aws_lc_rs::ALL_KX_GROUPS
-                        .iter()
-                        .map(|g| format!("{:?}", g.name()))
-                        .collect();
+                    let valid: Vec<String> =
+                        aws_lc_rs::ALL_KX_GROUPS.iter().map(|g| format!("{:?}", g.name())).collect();
                     problems.push(Problem {
                         key: "key_exchange_groups",
-                        message: format!(
-                            "unknown key exchange group `{name}`; valid: {}",
-                            valid.join(", ")
-                        ),
+                        message: format!("unknown key exchange group `{name}`; valid: {}", valid.join(", ")),
                     });
                 }
             }
         }
         if groups.is_empty() {
-            problems.push(Problem {
-                key: "key_exchange_groups",
-                message: "must not be empty".into(),
-            });
+            problems.push(Problem { key: "key_exchange_groups", message: "must not be empty".into() });
         }
         if !problems.is_empty() {
             return Err(problems);
         }
-        let provider = CryptoProvider {
-            cipher_suites,
-            kx_groups,
-            ..base
-        };
-        Ok(CryptoPolicy {
-            provider: Arc::new(provider),
-            versions,
-        })
+        let provider = CryptoProvider { cipher_suites, kx_groups, ..base };
+        Ok(CryptoPolicy { provider: Arc::new(provider), versions })
     }
 
     /// A client config with the same allowlist, trusting `roots`.
-    pub fn client_config(
-        &self,
-        roots: RootCertStore,
-        alpn: &[&[u8]],
-    ) -> Result<ClientConfig, String> {
+    pub fn client_config(&self, roots: RootCertStore, alpn: &[&[u8]]) -> Result<ClientConfig, String> {
         let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&self.versions)
             .map_err(|e| e.to_string())?
@@ -177,12 +142,8 @@ pub struct ServerTls {
 
 impl ServerTls {
     pub fn build(s: &TlsSettings) -> Result<ServerTls, Vec<Problem>> {
-        let policy =
-            CryptoPolicy::from_names(&s.min_version, &s.cipher_suites, &s.key_exchange_groups);
-        let certs = load_certs(&s.cert).map_err(|m| Problem {
-            key: "cert",
-            message: m,
-        });
+        let policy = CryptoPolicy::from_names(&s.min_version, &s.cipher_suites, &s.key_exchange_groups);
+        let certs = load_certs(&s.cert).map_err(|m| Problem { key: "cert", message: m });
         let key = PrivateKeyDer::from_pem_file(&s.key).map_err(|e| Problem {
             key: "key",
             message: format!("cannot read a private key from {}: {e}", s.key.display()),
@@ -198,25 +159,14 @@ impl ServerTls {
         };
         let mut config = ServerConfig::builder_with_provider(policy.provider.clone())
             .with_protocol_versions(&policy.versions)
-            .map_err(|e| {
-                vec![Problem {
-                    key: "min_version",
-                    message: e.to_string(),
-                }]
-            })?
+            .map_err(|e| vec![Problem { key: "min_version", message: e.to_string() }])?
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .map_err(|e| {
-                vec![Problem {
-                    key: "key",
-                    message: format!("certificate and key do not fit: {e}"),
-                }]
+                vec![Problem { key: "key", message: format!("certificate and key do not fit: {e}") }]
             })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(ServerTls {
-            config: Arc::new(config),
-            policy,
-        })
+        Ok(ServerTls { config: Arc::new(config), policy })
     }
 }
 
@@ -235,9 +185,7 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
     }
     Ok(roots)
 }
@@ -262,10 +210,7 @@ pub fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
 /// A bounded label for a failed handshake.
 pub fn failure_reason(err: &std::io::Error) -> &'static str {
     use rustls::{Error as E, PeerIncompatible as P};
-    let Some(tls) = err
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
-    else {
+    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
         return match err.kind() {
             std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => "eof",
             std::io::ErrorKind::InvalidData => "invalid_message",
@@ -282,9 +227,9 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
         ) => "protocol_version",
         E::PeerIncompatible(P::NoKxGroupsInCommon) => "no_shared_group",
         E::PeerIncompatible(_) => "incompatible",
-        E::InvalidMessage(_)
-        | E::InappropriateMessage { .. }
-        | E::InappropriateHandshakeMessage { .. } => "invalid_message",
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. } => {
+            "invalid_message"
+        }
         E::AlertReceived(_) => "alert_received",
         E::InvalidCertificate(_) | E::NoCertificatesPresented => "bad_certificate",
         _ => "other",

@@ -8,8 +8,7 @@ use crate::deny::Denial;
 /// True when the query string carries an `access_token` parameter (RFC 6750 §2.3), however encoded.
 pub fn token_in_query(uri: &Uri) -> bool {
     uri.query().is_some_and(|q| {
-        form_urlencoded::parse(q.as_bytes())
-            .any(|(k, _)| k.trim().eq_ignore_ascii_case("access_token"))
+        form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k.trim().eq_ignore_ascii_case("access_token"))
     })
 }
 
@@ -27,20 +26,16 @@ pub fn bearer(headers: &HeaderMap) -> Result<&str, Denial> {
         return Err(Denial::MissingToken);
     }
     let token = rest.trim_start_matches(' ');
-    if is_b64token(token) {
-        Ok(token)
-    } else {
-        Err(Denial::MalformedToken)
-    }
+    if is_b64token(token) { Ok(token) } else { Err(Denial::MalformedToken) }
 }
 
 /// RFC 6750 §2.1: `b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
 fn is_b64token(t: &str) -> bool {
     let body = t.trim_end_matches('=');
     !body.is_empty()
-        && body.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
-        })
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/'))
 }
 
 #[cfg(test)]
@@ -58,41 +53,17 @@ mod tests {
 
     #[test]
     fn bearer_forms() {
-        assert_eq!(
-            bearer(&headers(&["Bearer abc.def-ghi"])).unwrap(),
-            "abc.def-ghi"
-        );
+        assert_eq!(bearer(&headers(&["Bearer abc.def-ghi"])).unwrap(), "abc.def-ghi");
         assert_eq!(bearer(&headers(&["bearer abc=="])).unwrap(), "abc==");
         assert_eq!(bearer(&headers(&["BEARER   abc"])).unwrap(), "abc");
         assert!(matches!(bearer(&headers(&[])), Err(Denial::MissingToken)));
-        assert!(matches!(
-            bearer(&headers(&["Basic dXNlcjpwYXNz"])),
-            Err(Denial::MissingToken)
-        ));
-        assert!(matches!(
-            bearer(&headers(&["Bearer"])),
-            Err(Denial::MalformedToken)
-        ));
-        assert!(matches!(
-            bearer(&headers(&["Bearer "])),
-            Err(Denial::MalformedToken)
-        ));
-        assert!(matches!(
-            bearer(&headers(&["Bearer a b"])),
-            Err(Denial::MalformedToken)
-        ));
-        assert!(matches!(
-            bearer(&headers(&["Bearer =abc"])),
-            Err(Denial::MalformedToken)
-        ));
-        assert!(matches!(
-            bearer(&headers(&["Bearer a\"b"])),
-            Err(Denial::MalformedToken)
-        ));
-        assert!(matches!(
-            bearer(&headers(&["Bearer a", "Bearer b"])),
-            Err(Denial::DuplicateToken)
-        ));
+        assert!(matches!(bearer(&headers(&["Basic dXNlcjpwYXNz"])), Err(Denial::MissingToken)));
+        assert!(matches!(bearer(&headers(&["Bearer"])), Err(Denial::MalformedToken)));
+        assert!(matches!(bearer(&headers(&["Bearer "])), Err(Denial::MalformedToken)));
+        assert!(matches!(bearer(&headers(&["Bearer a b"])), Err(Denial::MalformedToken)));
+        assert!(matches!(bearer(&headers(&["Bearer =abc"])), Err(Denial::MalformedToken)));
+        assert!(matches!(bearer(&headers(&["Bearer a\"b"])), Err(Denial::MalformedToken)));
+        assert!(matches!(bearer(&headers(&["Bearer a", "Bearer b"])), Err(Denial::DuplicateToken)));
     }
 
     #[test]

@@ -64,20 +64,13 @@ impl Introspector {
 
     async fn call(&self, token: &str) -> Result<Map<String, Value>, String> {
         let mut form = vec![("token", token), ("token_type_hint", "access_token")];
-        let mut req = self
-            .http
-            .post(&self.uri)
-            .header(http::header::ACCEPT, "application/json");
+        let mut req = self.http.post(&self.uri).header(http::header::ACCEPT, "application/json");
         match self.auth {
             ClientAuth::Basic => {
                 // RFC 6749 §2.3.1: the id and secret are form-urlencoded before being joined.
-                let enc =
-                    |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
                 let pair = format!("{}:{}", enc(&self.client_id), enc(&self.client_secret));
-                let value = format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(pair)
-                );
+                let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair));
                 req = req.header(http::header::AUTHORIZATION, value);
             }
             ClientAuth::Post => {
@@ -85,14 +78,9 @@ impl Introspector {
                 form.push(("client_secret", &self.client_secret));
             }
         }
-        let body: String = form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(form)
-            .finish();
+        let body: String = form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
         let resp = req
-            .header(
-                http::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
+            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(body)
             .send()
             .await
@@ -121,11 +109,7 @@ impl Introspector {
             None => {}
             Some(_) => return Err(TokenError::Malformed),
         }
-        if claims
-            .get("nbf")
-            .and_then(Value::as_u64)
-            .is_some_and(|n| n > now + self.leeway)
-        {
+        if claims.get("nbf").and_then(Value::as_u64).is_some_and(|n| n > now + self.leeway) {
             return Err(TokenError::NotYetValid);
         }
         if let Some(iss) = claims.get("iss") {
@@ -137,21 +121,15 @@ impl Introspector {
             let ok = match claims.get("aud") {
                 None => true,
                 Some(Value::String(a)) => self.audiences.contains(a),
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .any(|a| self.audiences.iter().any(|x| x == a)),
+                Some(Value::Array(list)) => {
+                    list.iter().filter_map(Value::as_str).any(|a| self.audiences.iter().any(|x| x == a))
+                }
                 Some(_) => false,
             };
             if !ok {
                 return Err(TokenError::WrongAudience);
             }
         }
-        Ok(Principal::from_claims(
-            &self.name,
-            Method::Introspection,
-            claims,
-            &self.regions,
-        ))
+        Ok(Principal::from_claims(&self.name, Method::Introspection, claims, &self.regions))
     }
 }

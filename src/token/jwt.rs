@@ -59,10 +59,7 @@ impl JwtVerifier {
         http: reqwest::Client,
         metrics: Metrics,
     ) -> Result<JwtVerifier, String> {
-        let source = s
-            .keys
-            .clone()
-            .ok_or_else(|| format!("issuer {}: no JWKS source", ic.name))?;
+        let source = s.keys.clone().ok_or_else(|| format!("issuer {}: no JWKS source", ic.name))?;
         let validations = s
             .algorithms
             .iter()
@@ -110,10 +107,7 @@ impl JwtVerifier {
             .with_label_values(&[&self.name, "jwks"])
             .observe(start.elapsed().as_secs_f64());
         let label = if fetched.is_ok() { "success" } else { "error" };
-        self.metrics
-            .jwks_refreshes
-            .with_label_values(&[&self.name, label])
-            .inc();
+        self.metrics.jwks_refreshes.with_label_values(&[&self.name, label]).inc();
         match fetched {
             Ok(set) => {
                 self.keys.store(Some(Arc::new(set)));
@@ -129,9 +123,8 @@ impl JwtVerifier {
     async fn fetch(&self) -> Result<KeySet, String> {
         let (body, max_age) = match &self.source {
             KeySource::File(path) => {
-                let text = tokio::fs::read_to_string(path)
-                    .await
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let text =
+                    tokio::fs::read_to_string(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
                 (text, None)
             }
             KeySource::Uri(uri) => {
@@ -176,10 +169,7 @@ impl JwtVerifier {
                     None => set.without_kid.push(Arc::new(key)),
                 },
                 Err(reason) => {
-                    self.metrics
-                        .jwks_keys_skipped
-                        .with_label_values(&[&self.name, reason])
-                        .inc();
+                    self.metrics.jwks_keys_skipped.with_label_values(&[&self.name, reason]).inc();
                     if let Some(k) = kid {
                         set.skipped.insert(k);
                     }
@@ -213,11 +203,8 @@ impl JwtVerifier {
             Some(k) => set.by_kid.get(k).cloned(),
             None => {
                 // Without a kid the choice is only safe when exactly one key fits the algorithm.
-                let mut fitting = set
-                    .by_kid
-                    .values()
-                    .chain(&set.without_kid)
-                    .filter(|k| k.algorithms.contains(&alg));
+                let mut fitting =
+                    set.by_kid.values().chain(&set.without_kid).filter(|k| k.algorithms.contains(&alg));
                 match (fitting.next(), fitting.next()) {
                     (Some(k), None) => Some(k.clone()),
                     _ => None,
@@ -257,16 +244,14 @@ impl JwtVerifier {
         if !key.algorithms.contains(&header.alg) {
             return Ok(Err(TokenError::Algorithm));
         }
-        let claims =
-            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, validation) {
-                Ok(data) => data.claims,
-                Err(e) => return Ok(Err(map_error(e.kind()))),
-            };
+        let claims = match jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, validation) {
+            Ok(data) => data.claims,
+            Err(e) => return Ok(Err(map_error(e.kind()))),
+        };
         if let Some(max) = self.max_lifetime {
-            let (Some(exp), Some(iat)) = (
-                claims.get("exp").and_then(Value::as_u64),
-                claims.get("iat").and_then(Value::as_u64),
-            ) else {
+            let (Some(exp), Some(iat)) =
+                (claims.get("exp").and_then(Value::as_u64), claims.get("iat").and_then(Value::as_u64))
+            else {
                 return Ok(Err(TokenError::MissingClaim("iat")));
             };
             if iat > now_secs() + self.leeway {
@@ -276,12 +261,7 @@ impl JwtVerifier {
                 return Ok(Err(TokenError::LifetimeTooLong));
             }
         }
-        Ok(Ok(Arc::new(Principal::from_claims(
-            &self.name,
-            Method::Jwt,
-            &claims,
-            &self.regions,
-        ))))
+        Ok(Ok(Arc::new(Principal::from_claims(&self.name, Method::Jwt, &claims, &self.regions))))
     }
 
     /// The key set, unless it is older than the refresh interval plus `jwks_max_stale_seconds`: past that,
@@ -299,9 +279,9 @@ fn map_error(kind: &ErrorKind) -> TokenError {
         ErrorKind::InvalidIssuer => TokenError::UnknownIssuer,
         ErrorKind::InvalidAudience => TokenError::WrongAudience,
         ErrorKind::InvalidSignature => TokenError::BadSignature,
-        ErrorKind::InvalidAlgorithm
-        | ErrorKind::MissingAlgorithm
-        | ErrorKind::InvalidAlgorithmName => TokenError::Algorithm,
+        ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            TokenError::Algorithm
+        }
         ErrorKind::MissingRequiredClaim(c) => TokenError::MissingClaim(match c.as_str() {
             "exp" => "exp",
             "iss" => "iss",
@@ -315,10 +295,7 @@ fn map_error(kind: &ErrorKind) -> TokenError {
 /// A JWK fit for verifying signatures with one of `allowed`, or the bounded reason it is skipped.
 fn usable_key(value: &Value, allowed: &[Algorithm]) -> Result<Key, &'static str> {
     let jwk: Jwk = serde_json::from_value(value.clone()).map_err(|_| "unsupported")?;
-    if matches!(
-        jwk.common.public_key_use,
-        Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
-    ) {
+    if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))) {
         return Err("not_for_signing");
     }
     let declared = match &jwk.common.key_algorithm {
@@ -358,10 +335,7 @@ fn usable_key(value: &Value, allowed: &[Algorithm]) -> Result<Key, &'static str>
         return Err("alg_not_allowed");
     }
     let decoding = DecodingKey::from_jwk(&jwk).map_err(|_| "invalid_key")?;
-    Ok(Key {
-        decoding,
-        algorithms,
-    })
+    Ok(Key { decoding, algorithms })
 }
 
 fn signing_alg(a: &KeyAlgorithm) -> Option<Algorithm> {
@@ -382,9 +356,7 @@ fn signing_alg(a: &KeyAlgorithm) -> Option<Algorithm> {
 fn parse_max_age(cache_control: &str) -> Option<u64> {
     cache_control.split(',').find_map(|d| {
         let (k, v) = d.trim().split_once('=')?;
-        k.eq_ignore_ascii_case("max-age")
-            .then(|| v.trim().trim_matches('"').parse().ok())
-            .flatten()
+        k.eq_ignore_ascii_case("max-age").then(|| v.trim().trim_matches('"').parse().ok()).flatten()
     })
 }
 
@@ -407,29 +379,16 @@ mod tests {
         // P-256 point from RFC 7515 A.3.
         let ec = json!({"kty": "EC", "crv": "P-256", "kid": "e",
             "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"});
-        assert_eq!(
-            usable_key(&ec, &all).unwrap().algorithms,
-            vec![Algorithm::ES256],
-            "alg from the curve"
-        );
+        assert_eq!(usable_key(&ec, &all).unwrap().algorithms, vec![Algorithm::ES256], "alg from the curve");
         let mut enc = ec.clone();
         enc["use"] = json!("enc");
         assert_eq!(usable_key(&enc, &all).err(), Some("not_for_signing"));
         let mut wrong = ec.clone();
         wrong["alg"] = json!("RS256");
         assert_eq!(usable_key(&wrong, &all).err(), Some("alg_mismatch"));
-        assert_eq!(
-            usable_key(&ec, &[Algorithm::RS256]).err(),
-            Some("alg_not_allowed")
-        );
-        assert_eq!(
-            usable_key(&json!({"kty": "oct", "k": "c2VjcmV0"}), &all).err(),
-            Some("symmetric")
-        );
-        assert_eq!(
-            usable_key(&json!({"kty": "XYZ", "kid": "q"}), &all).err(),
-            Some("unsupported")
-        );
+        assert_eq!(usable_key(&ec, &[Algorithm::RS256]).err(), Some("alg_not_allowed"));
+        assert_eq!(usable_key(&json!({"kty": "oct", "k": "c2VjcmV0"}), &all).err(), Some("symmetric"));
+        assert_eq!(usable_key(&json!({"kty": "XYZ", "kid": "q"}), &all).err(), Some("unsupported"));
         let mut odd_alg = ec.clone();
         odd_alg["alg"] = json!("RSA-OAEP");
         assert_eq!(usable_key(&odd_alg, &all).err(), Some("unsupported_alg"));

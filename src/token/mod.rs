@@ -140,9 +140,7 @@ impl Principal {
         let mut allowed_regions = regions_from_claim(rules.claim.lookup(claims));
         for (scope, region) in &rules.scopes {
             if scopes.iter().any(|s| s == scope) {
-                allowed_regions
-                    .get_or_insert_with(Vec::new)
-                    .push(region.clone());
+                allowed_regions.get_or_insert_with(Vec::new).push(region.clone());
             }
         }
         Principal {
@@ -160,10 +158,7 @@ impl Principal {
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Hex of the first 8 bytes of SHA-256(token): lets an audit line be matched to a token without holding it.
@@ -233,12 +228,7 @@ impl Verifier {
             .max_capacity(config.cache.max_entries)
             .expire_after(EntryTtl)
             .build();
-        Ok(Verifier {
-            issuers,
-            cache,
-            cache_cfg: config.cache.clone(),
-            metrics: metrics.clone(),
-        })
+        Ok(Verifier { issuers, cache, cache_cfg: config.cache.clone(), metrics: metrics.clone() })
     }
 
     pub fn issuers(&self) -> impl Iterator<Item = &Arc<Issuer>> {
@@ -247,34 +237,22 @@ impl Verifier {
 
     /// True once every JWT issuer has a key set.
     pub fn ready(&self) -> bool {
-        self.issuers
-            .values()
-            .all(|i| i.jwt.as_ref().is_none_or(|j| j.has_keys()))
+        self.issuers.values().all(|i| i.jwt.as_ref().is_none_or(|j| j.has_keys()))
     }
 
     /// Chooses the issuer and method for `token` on `route`: a JWT whose `iss` names one of the route's JWT
     /// issuers is verified locally (unless the route introspects JWTs); anything else goes to the route's
     /// introspection issuer.
-    fn select(
-        &self,
-        route: &RouteConfig,
-        token: &str,
-    ) -> Result<(&Arc<Issuer>, Method), TokenError> {
-        let iss = jsonwebtoken::dangerous::insecure_decode::<Peek>(token)
-            .ok()
-            .and_then(|d| d.claims.iss);
+    fn select(&self, route: &RouteConfig, token: &str) -> Result<(&Arc<Issuer>, Method), TokenError> {
+        let iss = jsonwebtoken::dangerous::insecure_decode::<Peek>(token).ok().and_then(|d| d.claims.iss);
         let route_issuers = || route.issuers.iter().filter_map(|n| self.issuers.get(n));
         if let Some(iss) = &iss {
             if !route.introspect_jwts {
-                if let Some(i) =
-                    route_issuers().find(|i| i.jwt.is_some() && i.config.issuer == *iss)
-                {
+                if let Some(i) = route_issuers().find(|i| i.jwt.is_some() && i.config.issuer == *iss) {
                     return Ok((i, Method::Jwt));
                 }
             }
-            if let Some(i) =
-                route_issuers().find(|i| i.introspection.is_some() && i.config.issuer == *iss)
-            {
+            if let Some(i) = route_issuers().find(|i| i.introspection.is_some() && i.config.issuer == *iss) {
                 return Ok((i, Method::Introspection));
             }
         }
@@ -313,10 +291,7 @@ impl Verifier {
                     Ok(Err(_)) => "invalid",
                     Err(_) => "unavailable",
                 };
-                metrics
-                    .token_validations
-                    .with_label_values(&[&issuer.name, method.as_str(), label])
-                    .inc();
+                metrics.token_validations.with_label_values(&[&issuer.name, method.as_str(), label]).inc();
                 let result = result?;
                 let ttl = match &result {
                     Ok(p) => {
@@ -335,10 +310,7 @@ impl Verifier {
             Err(_) => return Err(Unavailable),
         };
         let hit = !entry.is_fresh();
-        metrics
-            .token_cache
-            .with_label_values(&["validation", if hit { "hit" } else { "miss" }])
-            .inc();
+        metrics.token_cache.with_label_values(&["validation", if hit { "hit" } else { "miss" }]).inc();
         let result = entry.into_value().result;
         // A cached verdict is only as good as the token's own expiry.
         if let Ok(p) = &result {
@@ -350,11 +322,7 @@ impl Verifier {
     }
 }
 
-async fn build_issuer(
-    ic: &IssuerConfig,
-    config: &Config,
-    metrics: &Metrics,
-) -> Result<Issuer, String> {
+async fn build_issuer(ic: &IssuerConfig, config: &Config, metrics: &Metrics) -> Result<Issuer, String> {
     let name: Arc<str> = Arc::from(ic.name.as_str());
     let http = http_client(ic, config)?;
     let mut ic = ic.clone();
@@ -366,43 +334,22 @@ async fn build_issuer(
         regions.claim = claim.clone();
     }
     let jwt = match &ic.jwt {
-        Some(j) => Some(jwt::JwtVerifier::new(
-            &ic,
-            j,
-            name.clone(),
-            regions.clone(),
-            http.clone(),
-            metrics.clone(),
-        )?),
+        Some(j) => {
+            Some(jwt::JwtVerifier::new(&ic, j, name.clone(), regions.clone(), http.clone(), metrics.clone())?)
+        }
         None => None,
     };
     let introspection = ic.introspection.as_ref().map(|s| {
-        introspect::Introspector::new(
-            &ic,
-            s,
-            name.clone(),
-            regions.clone(),
-            http.clone(),
-            metrics.clone(),
-        )
+        introspect::Introspector::new(&ic, s, name.clone(), regions.clone(), http.clone(), metrics.clone())
     });
-    Ok(Issuer {
-        config: ic,
-        name,
-        jwt,
-        introspection,
-    })
+    Ok(Issuer { config: ic, name, jwt, introspection })
 }
 
 /// The client for one issuer's token service: bounded timeouts, the gateway's TLS allowlist, no redirects
 /// (a redirect could point a key fetch anywhere).
 fn http_client(ic: &IssuerConfig, config: &Config) -> Result<reqwest::Client, String> {
     let roots = crate::tls::roots(ic.ca_file.as_deref())?;
-    let tls = config
-        .server
-        .tls
-        .policy
-        .client_config(roots, &[b"h2", b"http/1.1"])?;
+    let tls = config.server.tls.policy.client_config(roots, &[b"h2", b"http/1.1"])?;
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .timeout(ic.timeout)
@@ -422,26 +369,15 @@ async fn discover(ic: &mut IssuerConfig, url: &str, http: &reqwest::Client) -> R
         introspection_endpoint: Option<String>,
     }
     let fail = |e: String| format!("issuer {}: discovery at {url} failed: {e}", ic.name);
-    let resp = http
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+    let resp = http.get(url).send().await.map_err(|e| fail(e.to_string()))?;
     if !resp.status().is_success() {
         return Err(fail(format!("HTTP {}", resp.status())));
     }
     let meta: Metadata = resp.json().await.map_err(|e| fail(e.to_string()))?;
     if meta.issuer != ic.issuer {
-        return Err(fail(format!(
-            "metadata names issuer `{}`, config says `{}`",
-            meta.issuer, ic.issuer
-        )));
+        return Err(fail(format!("metadata names issuer `{}`, config says `{}`", meta.issuer, ic.issuer)));
     }
-    for u in meta
-        .jwks_uri
-        .iter()
-        .chain(meta.introspection_endpoint.iter())
-    {
+    for u in meta.jwks_uri.iter().chain(meta.introspection_endpoint.iter()) {
         crate::config::check_fetch_url(u).map_err(fail)?;
     }
     if let Some(j) = &mut ic.jwt {
