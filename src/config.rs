@@ -306,6 +306,24 @@ struct RawServer {
     #[serde(default = "defaults::shutdown_grace")]
     shutdown_grace_seconds: f64,
     realm: Option<String>,
+    #[serde(default = "defaults::max_connections")]
+    max_connections: usize,
+    #[serde(default = "defaults::http2_max_concurrent_streams")]
+    http2_max_concurrent_streams: u32,
+    #[serde(default = "defaults::max_header_bytes")]
+    max_header_bytes: usize,
+    #[serde(default = "defaults::max_headers")]
+    max_headers: usize,
+    #[serde(default = "defaults::max_uri_bytes")]
+    max_uri_bytes: usize,
+    #[serde(default = "defaults::max_body_bytes")]
+    max_body_bytes: u64,
+    #[serde(default = "defaults::body_idle_timeout")]
+    body_idle_timeout_seconds: f64,
+    #[serde(default = "defaults::keep_alive_timeout")]
+    keep_alive_timeout_seconds: f64,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -525,6 +543,30 @@ mod defaults {
     pub fn state_prefix() -> String {
         "residency-gateway".into()
     }
+    pub fn max_connections() -> usize {
+        10_000
+    }
+    pub fn http2_max_concurrent_streams() -> u32 {
+        100
+    }
+    pub fn max_header_bytes() -> usize {
+        16 * 1024
+    }
+    pub fn max_headers() -> usize {
+        100
+    }
+    pub fn max_uri_bytes() -> usize {
+        8 * 1024
+    }
+    pub fn max_body_bytes() -> u64 {
+        10 * 1024 * 1024
+    }
+    pub fn body_idle_timeout() -> f64 {
+        30.0
+    }
+    pub fn keep_alive_timeout() -> f64 {
+        60.0
+    }
     pub fn mode() -> String {
         "enforce".into()
     }
@@ -563,6 +605,65 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     pub shutdown_grace: Duration,
     pub realm: String,
+    pub limits: Limits,
+    /// Peers whose `X-Forwarded-For` is kept (and appended to); from anyone else it is replaced.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Bounds on what one client may hold or send.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub http2_max_concurrent_streams: u32,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    /// The default for routes that set none.
+    pub max_body_bytes: u64,
+    pub body_idle_timeout: Duration,
+    pub keep_alive_timeout: Duration,
+}
+
+/// An address range in CIDR form (`10.0.0.0/8`, `::1/128`); a bare address is a /32 or /128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(s: &str) -> Option<IpNet> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a.trim().parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.trim().parse().ok().filter(|&p| p <= max)?,
+            None => max,
+        };
+        Some(IpNet { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map(V4).unwrap_or(V6(v6)),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -750,6 +851,33 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         check_seconds(secs, key, &mut err);
     }
 
+    for (key, secs) in [
+        ("body_idle_timeout_seconds", raw.server.body_idle_timeout_seconds),
+        ("keep_alive_timeout_seconds", raw.server.keep_alive_timeout_seconds),
+    ] {
+        check_seconds(secs, &sk.field(key), &mut err);
+    }
+    for (key, value, min) in [
+        ("max_connections", raw.server.max_connections, 1),
+        ("http2_max_concurrent_streams", raw.server.http2_max_concurrent_streams as usize, 1),
+        ("max_header_bytes", raw.server.max_header_bytes, 8192),
+        ("max_headers", raw.server.max_headers, 8),
+        ("max_uri_bytes", raw.server.max_uri_bytes, 64),
+    ] {
+        if value < min {
+            err(&sk.field(key), format!("must be at least {min}"));
+        }
+    }
+    let mut trusted_proxies = Vec::new();
+    for (i, p) in raw.server.trusted_proxies.iter().enumerate() {
+        match IpNet::parse(p) {
+            Some(net) => trusted_proxies.push(net),
+            None => {
+                err(&sk.field("trusted_proxies").index(i), format!("`{p}` is not an address or CIDR range"))
+            }
+        }
+    }
+
     let tk = sk.field("tls");
     let tls_settings = tls::TlsSettings {
         cert: resolve(&raw.server.tls.cert),
@@ -768,10 +896,10 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         }
     };
     let upstream_ca = raw.upstream.ca_file.as_deref().map(resolve);
-    if let Some(ca) = &upstream_ca {
-        if let Err(e) = tls::load_roots(ca) {
-            err(&k.field("upstream").field("ca_file"), e);
-        }
+    if let Some(ca) = &upstream_ca
+        && let Err(e) = tls::load_roots(ca)
+    {
+        err(&k.field("upstream").field("ca_file"), e);
     }
 
     // [policy]
@@ -839,16 +967,16 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             ("introspection_uri", &ri.introspection_uri),
             ("discovery_url", &ri.discovery_url),
         ] {
-            if let Some(url) = url {
-                if let Err(e) = check_fetch_url(url) {
-                    err(&ik.field(key), e);
-                }
+            if let Some(url) = url
+                && let Err(e) = check_fetch_url(url)
+            {
+                err(&ik.field(key), e);
             }
         }
         let mut algorithms = Vec::new();
         for (ai, name) in ri.algorithms.iter().enumerate() {
             match name.parse::<Algorithm>() {
-                Ok(a) if matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => err(
+                Ok(Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => err(
                     &ik.field("algorithms").index(ai),
                     format!("`{name}` is a shared-secret algorithm; only public-key algorithms are accepted"),
                 ),
@@ -914,10 +1042,10 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         } else {
             None
         };
-        if let Some(ca) = &ri.ca_file {
-            if let Err(e) = tls::load_roots(&resolve(ca)) {
-                err(&ik.field("ca_file"), e);
-            }
+        if let Some(ca) = &ri.ca_file
+            && let Err(e) = tls::load_roots(&resolve(ca))
+        {
+            err(&ik.field("ca_file"), e);
         }
         issuers.push(IssuerConfig {
             name: ri.name.clone(),
@@ -943,10 +1071,10 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         "token",
         &mut err,
     );
-    if let Some(t) = &admin_token {
-        if t.len() < 16 {
-            err(&ak, "the admin token must be at least 16 characters".into());
-        }
+    if let Some(t) = &admin_token
+        && t.len() < 16
+    {
+        err(&ak, "the admin token must be at least 16 characters".into());
     }
 
     // [state]
@@ -1072,6 +1200,17 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             header_read_timeout: secs(raw.server.header_read_timeout_seconds),
             shutdown_grace: secs(raw.server.shutdown_grace_seconds),
             realm: raw.server.realm.unwrap_or_else(|| "residency-gateway".into()),
+            limits: Limits {
+                max_connections: raw.server.max_connections,
+                http2_max_concurrent_streams: raw.server.http2_max_concurrent_streams,
+                max_header_bytes: raw.server.max_header_bytes,
+                max_headers: raw.server.max_headers,
+                max_uri_bytes: raw.server.max_uri_bytes,
+                max_body_bytes: raw.server.max_body_bytes,
+                body_idle_timeout: secs(raw.server.body_idle_timeout_seconds),
+                keep_alive_timeout: secs(raw.server.keep_alive_timeout_seconds),
+            },
+            trusted_proxies,
         },
         upstream: UpstreamConfig {
             connect_timeout: secs(raw.upstream.connect_timeout_seconds),

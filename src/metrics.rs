@@ -21,6 +21,7 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
     pub tls_failures: IntCounterVec,
+    pub connections_refused: IntCounter,
     pub jwks_refreshes: IntCounterVec,
     pub jwks_keys_skipped: IntCounterVec,
     pub config_reloads: IntCounterVec,
@@ -115,6 +116,18 @@ impl Metrics {
                 "TLS handshakes that failed, by reason",
                 &["reason"],
             ),
+            connections_refused: {
+                let c = IntCounter::with_opts(
+                    Opts::new(
+                        "connections_refused_total",
+                        "Connections closed at once because max_connections was reached",
+                    )
+                    .namespace(NS),
+                )
+                .expect("valid metric definition");
+                registry.register(Box::new(c.clone())).expect("metric registered once");
+                c
+            },
             jwks_refreshes: counter(&registry, "jwks_refreshes_total", "JWKS fetches", &["issuer", "result"]),
             jwks_keys_skipped: counter(
                 &registry,

@@ -226,7 +226,7 @@ impl Policy {
 
         let mut errors = Vec::new();
         // name -> (members, file index) so duplicates and members can be reported where they stand.
-        let mut raw_groups: BTreeMap<String, (Vec<(usize, Member)>, usize, Key)> = BTreeMap::new();
+        let mut raw_groups: RawGroups = BTreeMap::new();
         let mut aliases = HashMap::new();
         let mut raw_aliases: Vec<(String, String, usize, Key)> = Vec::new();
 
@@ -272,15 +272,15 @@ impl Policy {
         // Unknown group members, then cycles.
         for (name, (members, fi, key)) in &raw_groups {
             for (i, m) in members {
-                if let Member::Group(g) = m {
-                    if !raw_groups.contains_key(g) {
-                        let message = if looks_like_subdivision(g) {
-                            format!("`{g}` is not a valid ISO 3166-2 subdivision code")
-                        } else {
-                            format!("group `{name}` names `{g}`, which is neither a jurisdiction nor a group")
-                        };
-                        errors.push(sources[*fi].error(&key.index(*i), message));
-                    }
+                if let Member::Group(g) = m
+                    && !raw_groups.contains_key(g)
+                {
+                    let message = if looks_like_subdivision(g) {
+                        format!("`{g}` is not a valid ISO 3166-2 subdivision code")
+                    } else {
+                        format!("group `{name}` names `{g}`, which is neither a jurisdiction nor a group")
+                    };
+                    errors.push(sources[*fi].error(&key.index(*i), message));
                 }
             }
         }
@@ -299,12 +299,16 @@ impl Policy {
         }
 
         for (name, target, fi, key) in raw_aliases {
-            let lower = name.to_ascii_lowercase();
             let src = &sources[fi];
+            let slot = match aliases.entry(name.to_ascii_lowercase()) {
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    errors.push(src.error(&key, format!("alias `{name}` is defined twice")));
+                    continue;
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => slot,
+            };
             if Jurisdiction::parse(&name).is_some() {
                 errors.push(src.error(&key, "an alias must not look like a jurisdiction code"));
-            } else if aliases.contains_key(&lower) {
-                errors.push(src.error(&key, format!("alias `{name}` is defined twice")));
             } else if raw_groups.contains_key(&target.to_ascii_uppercase()) {
                 errors.push(src.error(
                     &key,
@@ -313,7 +317,7 @@ impl Policy {
             } else {
                 match Jurisdiction::parse(&target).filter(Jurisdiction::is_assigned) {
                     Some(j) => {
-                        aliases.insert(lower, j);
+                        slot.insert(j);
                     }
                     None => errors
                         .push(src.error(&key, format!("`{target}` is not an ISO 3166 jurisdiction code"))),
@@ -324,6 +328,9 @@ impl Policy {
         if errors.is_empty() { Ok(Policy { groups, aliases }) } else { Err(errors) }
     }
 }
+
+/// Group name -> (members with their index in the file's list, file index, key), before expansion.
+type RawGroups = BTreeMap<String, (Vec<(usize, Member)>, usize, Key)>;
 
 fn valid_group_name(name: &str) -> bool {
     name.len() >= 2
@@ -341,7 +348,7 @@ fn looks_like_subdivision(m: &str) -> bool {
 
 /// Depth-first expansion; `stack` holds the chain being expanded so a cycle can be named.
 fn expand(
-    raw: &BTreeMap<String, (Vec<(usize, Member)>, usize, Key)>,
+    raw: &RawGroups,
     name: &str,
     stack: &mut Vec<String>,
     out: &mut HashSet<Jurisdiction>,

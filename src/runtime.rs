@@ -33,17 +33,28 @@ impl Drop for Gateway {
 
 impl Gateway {
     /// Builds everything a config needs, fetches the first key sets, and starts the JWKS refresh loops.
-    pub async fn build(config: Config, metrics: &Metrics) -> Result<Gateway, String> {
+    /// `previous` is the generation being replaced, whose key sets carry over where the source is the same.
+    pub async fn build(
+        config: Config,
+        metrics: &Metrics,
+        previous: Option<&Gateway>,
+    ) -> Result<Gateway, String> {
         let verifier = Arc::new(Verifier::new(&config, metrics).await?);
+        if let Some(prev) = previous {
+            for issuer in verifier.issuers() {
+                let old = prev.verifier.issuers().find(|o| o.name == issuer.name);
+                if let (Some(new), Some(old)) = (&issuer.jwt, old.and_then(|o| o.jwt.as_ref())) {
+                    new.adopt_keys(old);
+                }
+            }
+        }
         let forwarder = Forwarder::new(&config)?;
         let router = Router::new(&config.routes, metrics);
         let mut first = tokio::task::JoinSet::new();
         for issuer in verifier.issuers().filter(|i| i.jwt.is_some()).cloned() {
             first.spawn(async move {
-                if let Some(j) = &issuer.jwt {
-                    if j.refresh().await.is_err() {
-                        tracing::warn!(issuer = %issuer.name, "no keys yet: its tokens get 503 until a fetch works");
-                    }
+                if let Some(j) = &issuer.jwt && j.refresh().await.is_err() {
+                    tracing::warn!(issuer = %issuer.name, "no keys yet: its tokens get 503 until a fetch works");
                 }
             });
         }
@@ -141,7 +152,7 @@ impl Runtime {
                 tracing::warn!(key, "changed in the config; takes effect only after a restart");
             }
         }
-        let gateway = Gateway::build(config, &self.metrics).await?;
+        let gateway = Gateway::build(config, &self.metrics, Some(&old)).await?;
         self.swap(gateway);
         Ok(())
     }

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
@@ -50,7 +50,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Handl
     if config.admin.token.is_none() {
         tracing::warn!("no admin token configured ([admin] token_env or token_file): the admin API is off");
     }
-    let gateway = Gateway::build(config, &metrics).await?;
+    let gateway = Gateway::build(config, &metrics, None).await?;
     let runtime = Arc::new(Runtime::new(gateway, metrics, state, config_path));
     let data = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = data.local_addr().map_err(|e| e.to_string())?;
@@ -71,7 +71,11 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Handl
 }
 
 async fn serve_data(rt: Arc<Runtime>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    let graceful = GracefulShutdown::new();
+    // Connection slots: bounded at start (a reload does not resize them), and the way drain knows when
+    // every connection is gone.
+    let max = rt.current().config.server.limits.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    let (kill, killed) = watch::channel(false);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -85,46 +89,166 @@ async fn serve_data(rt: Arc<Runtime>, listener: TcpListener, mut stop: watch::Re
             },
             _ = stop.changed() => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Full: the new connection is closed at once; the established ones are not disturbed.
+            rt.metrics.connections_refused.inc();
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        let rt = rt.clone();
-        let watcher = graceful.watcher();
-        let mut stop = stop.clone();
+        let conn = Connection { rt: rt.clone(), stop: stop.clone(), killed: killed.clone() };
         tokio::spawn(async move {
-            let gw = rt.current();
-            let server = &gw.config.server;
-            let acceptor = TlsAcceptor::from(server.tls.config.clone());
-            let handshake = tokio::select! {
-                r = tokio::time::timeout(server.handshake_timeout, acceptor.accept(tcp)) => r,
-                _ = stop.changed() => return,
-            };
-            let tls = match handshake {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    rt.metrics.tls_failures.with_label_values(&[crate::tls::failure_reason(&e)]).inc();
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    rt.metrics.tls_failures.with_label_values(&["timeout"]).inc();
-                    return;
-                }
-            };
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new()).header_read_timeout(server.header_read_timeout);
-            builder.http2().timer(TokioTimer::new());
-            drop(gw);
-            let svc_rt = rt.clone();
-            let service = service_fn(move |req| crate::pipeline::handle(svc_rt.clone(), peer, req));
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            conn.serve(tcp, peer).await;
+            drop(slot);
         });
     }
     drop(listener);
     let grace = rt.current().config.server.shutdown_grace;
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    match tokio::time::timeout(grace, slots.acquire_many(all)).await {
+        Ok(_) => tracing::info!("all connections drained"),
+        Err(_) => {
+            tracing::warn!("grace period over; closing remaining connections");
+            let _ = kill.send(true);
+        }
+    }
+}
+
+struct Connection {
+    rt: Arc<Runtime>,
+    stop: watch::Receiver<bool>,
+    killed: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn serve(mut self, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+        let rt = self.rt.clone();
+        let gw = rt.current();
+        let server = &gw.config.server;
+        let limits = server.limits.clone();
+        let header_timeout = server.header_read_timeout;
+        let acceptor = TlsAcceptor::from(server.tls.config.clone());
+        let handshake = tokio::select! {
+            r = tokio::time::timeout(server.handshake_timeout, acceptor.accept(tcp)) => r,
+            _ = self.stop.changed() => return,
+        };
+        drop(gw);
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                rt.metrics.tls_failures.with_label_values(&[crate::tls::failure_reason(&e)]).inc();
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                rt.metrics.tls_failures.with_label_values(&["timeout"]).inc();
+                return;
+            }
+        };
+        // The protocol comes from ALPN, so hyper's HTTP/1 header timer runs from the first byte we wait for
+        // (the auto-detecting builder would first wait, without a deadline, for enough bytes to guess).
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(limits.max_header_bytes)
+            .max_headers(limits.max_headers);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.http2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(limits.keep_alive_timeout / 2))
+            .keep_alive_timeout(limits.keep_alive_timeout / 2);
+        let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
+        let active =
+            Arc::new(ActiveRequests { opened: tokio::time::Instant::now(), inner: Default::default() });
+        let svc_active = active.clone();
+        let svc_rt = rt.clone();
+        let service = service_fn(move |req| {
+            let guard = svc_active.enter();
+            let rt = svc_rt.clone();
+            async move {
+                let resp = crate::pipeline::handle(rt, peer, req).await;
+                // The request counts as in flight until its response body has been sent.
+                resp.map(|r| {
+                    r.map(|body| {
+                        body.map_frame(move |f| {
+                            let _ = &guard;
+                            f
+                        })
+                        .boxed_unsync()
+                    })
+                })
+            }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+        tokio::pin!(conn);
+        // A connection must bring its first request within the header timeout, and is closed after the
+        // keep-alive timeout with nothing in flight: covers clients that complete TLS and send nothing,
+        // HTTP/2 clients that never open a stream, and idle keep-alive connections.
+        let limits = (header_timeout, limits.keep_alive_timeout);
+        let mut draining = false;
+        loop {
+            let idle = active.deadline(limits);
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = self.stop.changed(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = self.killed.changed() => return,
+                _ = tokio::time::sleep_until(idle) => {
+                    if !active.busy() && active.deadline(limits) <= tokio::time::Instant::now() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Requests in flight on one connection and when the last one ended.
+struct ActiveRequests {
+    opened: tokio::time::Instant,
+    inner: std::sync::Mutex<(usize, Option<tokio::time::Instant>)>,
+}
+
+impl ActiveRequests {
+    fn enter(self: &Arc<Self>) -> ActiveGuard {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        ActiveGuard(self.clone())
+    }
+
+    /// When the connection should be closed if nothing happens: `first` after it opened while no request
+    /// came, `idle` after the last request ended; while one is in flight, re-checked after `idle`.
+    fn deadline(&self, (first, idle): (Duration, Duration)) -> tokio::time::Instant {
+        let (n, since) = *self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match (n, since) {
+            (0, Some(t)) => t + idle,
+            (0, None) => self.opened + first,
+            _ => tokio::time::Instant::now() + idle,
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).0 > 0
+    }
+}
+
+struct ActiveGuard(Arc<ActiveRequests>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let mut g = self.0.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 -= 1;
+        g.1 = Some(tokio::time::Instant::now());
     }
 }

@@ -108,7 +108,7 @@ pub enum StoreError {
 
 enum Backend {
     File { path: PathBuf },
-    Redis(RedisStore),
+    Redis(Box<RedisStore>),
 }
 
 pub struct State {
@@ -120,6 +120,9 @@ pub struct State {
     healthy: Arc<AtomicBool>,
     /// False until the entries were loaded once: until then nothing can be checked, so nothing passes.
     loaded: AtomicBool,
+    /// The Redis version of the installed entries: a reload that raced with a newer one never installs
+    /// an older snapshot over it.
+    version: std::sync::Mutex<u64>,
     metrics: Metrics,
 }
 
@@ -131,7 +134,7 @@ impl State {
             StateConfig::File(path) => (Backend::File { path: path.clone() }, read_file(path)?, true),
             StateConfig::Redis { url, prefix } => {
                 let store = RedisStore::new(url, prefix)?;
-                (Backend::Redis(store), Entries::default(), false)
+                (Backend::Redis(Box::new(store)), Entries::default(), false)
             }
         };
         let state = Arc::new(State {
@@ -140,14 +143,15 @@ impl State {
             write: Mutex::new(()),
             healthy: Arc::new(AtomicBool::new(healthy)),
             loaded: AtomicBool::new(healthy),
+            version: std::sync::Mutex::new(0),
             metrics: metrics.clone(),
         });
         state.update_gauges();
         if let Backend::Redis(store) = &state.backend {
             // The first load is awaited briefly so a replica that starts next to a healthy Redis enforces the
             // shared set from its first request.
-            if let Ok(entries) = store.load().await {
-                state.install(entries);
+            if let Ok((version, entries)) = store.load().await {
+                state.install_version(version, entries, true);
                 state.healthy.store(true, Ordering::SeqCst);
             }
             tokio::spawn(watch(Arc::downgrade(&state)));
@@ -221,15 +225,27 @@ impl State {
                 if !self.healthy() {
                     return Err(StoreError::Unavailable);
                 }
-                let before = store.load().await.map_err(|_| StoreError::Unavailable)?;
+                let (_, before) = store.load().await.map_err(|_| StoreError::Unavailable)?;
                 let mut after = before.clone();
                 if !change(&mut after) {
                     return Ok(false);
                 }
                 store.apply(&before, &after).await.map_err(|_| StoreError::Unavailable)?;
-                self.install(after);
+                // Read back rather than install `after`: another replica may have written meanwhile.
+                let (version, entries) = store.load().await.map_err(|_| StoreError::Unavailable)?;
+                self.install_version(version, entries, false);
                 Ok(true)
             }
+        }
+    }
+
+    /// `fresh`: the first load on a new connection, which may find a Redis that restarted empty and
+    /// so an older version; it is installed whatever its version.
+    fn install_version(&self, version: u64, entries: Entries, fresh: bool) {
+        let mut current = self.version.lock().unwrap_or_else(|e| e.into_inner());
+        if fresh || version >= *current {
+            *current = version;
+            self.install(entries);
         }
     }
 
@@ -300,6 +316,7 @@ struct RedisStore {
     client: redis::Client,
     revocations_key: String,
     halts_key: String,
+    version_key: String,
     channel: String,
 }
 
@@ -312,6 +329,7 @@ impl RedisStore {
             client,
             revocations_key: format!("{prefix}:revocations"),
             halts_key: format!("{prefix}:halts"),
+            version_key: format!("{prefix}:version"),
             channel: format!("{prefix}:changes"),
         })
     }
@@ -323,13 +341,21 @@ impl RedisStore {
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))?
     }
 
-    async fn load(&self) -> redis::RedisResult<Entries> {
+    /// One consistent snapshot: both hashes and the version, read in one transaction.
+    async fn load(&self) -> redis::RedisResult<(u64, Entries)> {
         let mut c = self.conn().await?;
         let work = async {
-            let revs: Vec<(String, String)> =
-                redis::cmd("HGETALL").arg(&self.revocations_key).query_async(&mut c).await?;
-            let halts: Vec<(String, String)> =
-                redis::cmd("HGETALL").arg(&self.halts_key).query_async(&mut c).await?;
+            type Snapshot = (Vec<(String, String)>, Vec<(String, String)>, Option<u64>);
+            let (revs, halts, version): Snapshot = redis::pipe()
+                .atomic()
+                .cmd("HGETALL")
+                .arg(&self.revocations_key)
+                .cmd("HGETALL")
+                .arg(&self.halts_key)
+                .cmd("GET")
+                .arg(&self.version_key)
+                .query_async(&mut c)
+                .await?;
             let mut e = Entries {
                 // An entry another version wrote in a shape this one cannot read is skipped, not fatal.
                 revocations: revs.iter().filter_map(|(_, v)| serde_json::from_str(v).ok()).collect(),
@@ -337,7 +363,7 @@ impl RedisStore {
             };
             e.revocations.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
             e.halts.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
-            Ok(e)
+            Ok((version.unwrap_or(0), e))
         };
         tokio::time::timeout(REDIS_TIMEOUT, work)
             .await
@@ -351,6 +377,7 @@ impl RedisStore {
         pipe.atomic();
         diff(&mut pipe, &self.revocations_key, &before.revocations, &after.revocations, |r| &r.id);
         diff(&mut pipe, &self.halts_key, &before.halts, &after.halts, |h| &h.id);
+        pipe.cmd("INCR").arg(&self.version_key).ignore();
         pipe.cmd("PUBLISH").arg(&self.channel).arg("changed").ignore();
         let work = pipe.query_async::<()>(&mut c);
         tokio::time::timeout(REDIS_TIMEOUT, work)
@@ -390,22 +417,19 @@ async fn watch(state: std::sync::Weak<State>) {
         let channel = store.channel.clone();
         drop(s);
         let pubsub = tokio::time::timeout(REDIS_TIMEOUT, client.get_async_pubsub()).await;
-        if let Ok(Ok(mut pubsub)) = pubsub {
-            if pubsub.subscribe(&channel).await.is_ok() {
-                if reload(&state).await.is_none() {
-                    return;
-                }
-                let mut messages = pubsub.into_on_message();
-                // A message, or a quiet interval to re-check the connection with a full reload.
-                loop {
-                    match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
-                        Ok(Some(_)) | Err(_) => {
-                            if reload(&state).await != Some(true) {
-                                break;
-                            }
-                        }
-                        Ok(None) => break,
-                    }
+        if let Ok(Ok(mut pubsub)) = pubsub
+            && pubsub.subscribe(&channel).await.is_ok()
+        {
+            if reload(&state, true).await.is_none() {
+                return;
+            }
+            let mut messages = pubsub.into_on_message();
+            // A message, or a quiet interval to re-check the connection with a full reload.
+            while let Ok(Some(_)) | Err(_) =
+                tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+            {
+                if reload(&state, false).await != Some(true) {
+                    break;
                 }
             }
         }
@@ -422,12 +446,12 @@ async fn watch(state: std::sync::Weak<State>) {
 }
 
 /// `None` when the state is gone; otherwise whether the reload worked.
-async fn reload(state: &std::sync::Weak<State>) -> Option<bool> {
+async fn reload(state: &std::sync::Weak<State>, fresh: bool) -> Option<bool> {
     let s = state.upgrade()?;
     let Backend::Redis(store) = &s.backend else { return Some(false) };
     match store.load().await {
-        Ok(entries) => {
-            s.install(entries);
+        Ok((version, entries)) => {
+            s.install_version(version, entries, fresh);
             if !s.healthy.swap(true, Ordering::SeqCst) {
                 tracing::info!("state store reachable: shared revocations and halts loaded");
             }

@@ -223,7 +223,9 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
             P::SupportedVersionsExtensionRequired
             | P::Tls12NotOffered
             | P::Tls12NotOfferedOrEnabled
-            | P::ServerDoesNotSupportTls12Or13,
+            | P::ServerDoesNotSupportTls12Or13
+            // Only clients below TLS 1.2 omit signature_algorithms, and rustls checks it first.
+            | P::SignatureAlgorithmsExtensionRequired,
         ) => "protocol_version",
         E::PeerIncompatible(P::NoKxGroupsInCommon) => "no_shared_group",
         E::PeerIncompatible(_) => "incompatible",

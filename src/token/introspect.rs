@@ -59,7 +59,7 @@ impl Introspector {
             tracing::warn!(issuer = %self.name, error = %e, "introspection failed");
             Unavailable
         })?;
-        Ok(self.judge(&body).map(|p| Arc::new(p)))
+        Ok(self.judge(&body).map(Arc::new))
     }
 
     async fn call(&self, token: &str) -> Result<Map<String, Value>, String> {
@@ -112,10 +112,10 @@ impl Introspector {
         if claims.get("nbf").and_then(Value::as_u64).is_some_and(|n| n > now + self.leeway) {
             return Err(TokenError::NotYetValid);
         }
-        if let Some(iss) = claims.get("iss") {
-            if iss.as_str() != Some(self.issuer.as_str()) {
-                return Err(TokenError::UnknownIssuer);
-            }
+        if let Some(iss) = claims.get("iss")
+            && iss.as_str() != Some(self.issuer.as_str())
+        {
+            return Err(TokenError::UnknownIssuer);
         }
         if !self.audiences.is_empty() {
             let ok = match claims.get("aud") {

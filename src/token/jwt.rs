@@ -10,6 +10,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
+use std::sync::atomic::{AtomicU32, Ordering};
 use tokio::sync::Mutex;
 
 use super::{Checked, Method, Principal, TokenError, Unavailable, now_secs};
@@ -48,6 +49,8 @@ pub struct JwtVerifier {
     keys: ArcSwapOption<KeySet>,
     /// Held while a fetch runs, so concurrent requests for an unknown kid share one fetch.
     fetch_lock: Mutex<Option<Instant>>,
+    /// Failed fetches in a row: the scheduled refresh backs off instead of retrying at once.
+    failures: AtomicU32,
 }
 
 impl JwtVerifier {
@@ -85,11 +88,21 @@ impl JwtVerifier {
             metrics,
             keys: ArcSwapOption::empty(),
             fetch_lock: Mutex::new(None),
+            failures: AtomicU32::new(0),
         })
     }
 
+    /// True while the key set is fresh enough to verify with.
     pub fn has_keys(&self) -> bool {
-        self.keys.load().is_some()
+        self.current_keys().is_some()
+    }
+
+    /// Takes over `previous`'s key set when both read the same source, so a reload during an outage
+    /// keeps the last good keys.
+    pub fn adopt_keys(&self, previous: &JwtVerifier) {
+        if self.source == previous.source {
+            self.keys.store(previous.keys.load_full());
+        }
     }
 
     /// Fetches the key set. On failure the last good set stays in place; an error is never stored.
@@ -111,9 +124,11 @@ impl JwtVerifier {
         match fetched {
             Ok(set) => {
                 self.keys.store(Some(Arc::new(set)));
+                self.failures.store(0, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(issuer = %self.name, error = %e, "JWKS refresh failed; keeping the last good keys");
                 Err(Unavailable)
             }
@@ -180,7 +195,12 @@ impl JwtVerifier {
     }
 
     /// When the scheduled refresh is next due.
+    /// After failures: `jwks_min_refresh_seconds`, doubling per failure up to the refresh interval.
     pub fn next_refresh(&self) -> Duration {
+        let failures = self.failures.load(Ordering::Relaxed);
+        if failures > 0 {
+            return (self.settings.min_refresh * 2u32.pow(failures.min(16) - 1)).min(self.settings.refresh);
+        }
         match self.keys.load().as_ref() {
             Some(set) => set.refresh_after.saturating_sub(set.fetched.elapsed()),
             None => self.settings.min_refresh,
@@ -189,13 +209,15 @@ impl JwtVerifier {
 
     /// Refetches for an unknown kid, at most once per `jwks_min_refresh_seconds`; requests that arrive
     /// while a fetch runs wait for it instead of starting their own.
-    async fn refetch_for_unknown_kid(&self) {
+    /// A fetch that was due and failed is `Unavailable`: the key may exist, so the token is not
+    /// judged invalid (and nothing is cached).
+    async fn refetch_for_unknown_kid(&self) -> Result<(), Unavailable> {
         let mut last = self.fetch_lock.lock().await;
         if last.is_some_and(|t| t.elapsed() < self.settings.min_refresh) {
-            return;
+            return Ok(());
         }
         *last = Some(Instant::now());
-        let _ = self.fetch_locked().await;
+        self.fetch_locked().await
     }
 
     fn find_key(&self, set: &KeySet, kid: Option<&str>, alg: Algorithm) -> Option<Arc<Key>> {
@@ -218,6 +240,10 @@ impl JwtVerifier {
             Ok(h) => h,
             Err(_) => return Ok(Err(TokenError::Malformed)),
         };
+        // RFC 7515 §4.1.11: an extension marked critical must be understood, and none is here.
+        if header.crit.is_some() {
+            return Ok(Err(TokenError::Malformed));
+        }
         let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == header.alg) else {
             return Ok(Err(TokenError::Algorithm));
         };
@@ -225,7 +251,7 @@ impl JwtVerifier {
         let mut set = match self.current_keys() {
             Some(s) => s,
             None => {
-                self.refetch_for_unknown_kid().await;
+                self.refetch_for_unknown_kid().await?;
                 self.current_keys().ok_or(Unavailable)?
             }
         };
@@ -234,7 +260,7 @@ impl JwtVerifier {
         }
         let mut key = self.find_key(&set, kid, header.alg);
         if key.is_none() && kid.is_some() {
-            self.refetch_for_unknown_kid().await;
+            self.refetch_for_unknown_kid().await?;
             set = self.current_keys().ok_or(Unavailable)?;
             key = self.find_key(&set, kid, header.alg);
         }

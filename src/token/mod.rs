@@ -167,9 +167,12 @@ pub fn fingerprint(token: &str) -> String {
     d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn cache_key(issuer: &str, token: &str) -> [u8; 32] {
+/// The method is part of the key: a route that introspects JWTs must not be served a local verdict.
+fn cache_key(issuer: &str, method: Method, token: &str) -> [u8; 32] {
     let mut ctx = digest::Context::new(&digest::SHA256);
     ctx.update(issuer.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(method.as_str().as_bytes());
     ctx.update(&[0]);
     ctx.update(token.as_bytes());
     let mut key = [0u8; 32];
@@ -247,10 +250,10 @@ impl Verifier {
         let iss = jsonwebtoken::dangerous::insecure_decode::<Peek>(token).ok().and_then(|d| d.claims.iss);
         let route_issuers = || route.issuers.iter().filter_map(|n| self.issuers.get(n));
         if let Some(iss) = &iss {
-            if !route.introspect_jwts {
-                if let Some(i) = route_issuers().find(|i| i.jwt.is_some() && i.config.issuer == *iss) {
-                    return Ok((i, Method::Jwt));
-                }
+            if !route.introspect_jwts
+                && let Some(i) = route_issuers().find(|i| i.jwt.is_some() && i.config.issuer == *iss)
+            {
+                return Ok((i, Method::Jwt));
             }
             if let Some(i) = route_issuers().find(|i| i.introspection.is_some() && i.config.issuer == *iss) {
                 return Ok((i, Method::Introspection));
@@ -270,7 +273,8 @@ impl Verifier {
             Ok(x) => x,
             Err(e) => return Ok(Err(e)),
         };
-        let key = cache_key(&issuer.name, token);
+        let key = cache_key(&issuer.name, method, token);
+        let leeway = issuer.config.leeway;
         let metrics = &self.metrics;
         let entry = self
             .cache
@@ -296,7 +300,7 @@ impl Verifier {
                 let ttl = match &result {
                     Ok(p) => {
                         let until_exp = p.exp.map_or(self.cache_cfg.max_ttl, |e| {
-                            Duration::from_secs(e.saturating_sub(now_secs()))
+                            Duration::from_secs((e + leeway).saturating_sub(now_secs()))
                         });
                         until_exp.min(self.cache_cfg.max_ttl)
                     }
@@ -313,10 +317,10 @@ impl Verifier {
         metrics.token_cache.with_label_values(&["validation", if hit { "hit" } else { "miss" }]).inc();
         let result = entry.into_value().result;
         // A cached verdict is only as good as the token's own expiry.
-        if let Ok(p) = &result {
-            if p.exp.is_some_and(|e| e <= now_secs()) {
-                return Ok(Err(TokenError::Expired));
-            }
+        if let Ok(p) = &result
+            && p.exp.is_some_and(|e| e + leeway <= now_secs())
+        {
+            return Ok(Err(TokenError::Expired));
         }
         Ok(result)
     }
@@ -380,20 +384,20 @@ async fn discover(ic: &mut IssuerConfig, url: &str, http: &reqwest::Client) -> R
     for u in meta.jwks_uri.iter().chain(meta.introspection_endpoint.iter()) {
         crate::config::check_fetch_url(u).map_err(fail)?;
     }
-    if let Some(j) = &mut ic.jwt {
+    if let Some(j) = &mut ic.jwt
+        && j.keys.is_none()
+    {
+        j.keys = meta.jwks_uri.map(crate::config::KeySource::Uri);
         if j.keys.is_none() {
-            j.keys = meta.jwks_uri.map(crate::config::KeySource::Uri);
-            if j.keys.is_none() {
-                return Err(fail("metadata has no jwks_uri".into()));
-            }
+            return Err(fail("metadata has no jwks_uri".into()));
         }
     }
-    if let Some(i) = &mut ic.introspection {
+    if let Some(i) = &mut ic.introspection
+        && i.uri.is_none()
+    {
+        i.uri = meta.introspection_endpoint;
         if i.uri.is_none() {
-            i.uri = meta.introspection_endpoint;
-            if i.uri.is_none() {
-                return Err(fail("metadata has no introspection_endpoint".into()));
-            }
+            return Err(fail("metadata has no introspection_endpoint".into()));
         }
     }
     Ok(())

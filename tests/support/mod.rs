@@ -91,7 +91,11 @@ fn query_num(req: &Request<Incoming>, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn upstream_handle(req: Request<Incoming>, hits: Arc<AtomicUsize>, last: Arc<Mutex<Option<Seen>>>) -> Response<Body> {
+async fn upstream_handle(
+    req: Request<Incoming>,
+    hits: Arc<AtomicUsize>,
+    last: Arc<Mutex<Option<Seen>>>,
+) -> Response<Body> {
     hits.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_string();
     if path.starts_with("/slow") {
@@ -309,7 +313,8 @@ async fn idp_handle(req: Request<Incoming>, s: &IdpState, addr: SocketAddr) -> R
                 .find(|(k, _)| k == "token")
                 .map(|(_, v)| v.into_owned())
                 .unwrap_or_default();
-            let answer = s.introspect.lock().unwrap().get(&token).cloned().unwrap_or(json!({"active": false}));
+            let answer =
+                s.introspect.lock().unwrap().get(&token).cloned().unwrap_or(json!({"active": false}));
             json_response(200, &answer)
         }
         _ => json_response(404, &json!({})),
@@ -355,11 +360,12 @@ pub fn client_for(pki: &Pki) -> reqwest::Client {
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let tls = rustls::ClientConfig::builder_with_provider(rustls::crypto::aws_lc_rs::default_provider().into())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls =
+        rustls::ClientConfig::builder_with_provider(rustls::crypto::aws_lc_rs::default_provider().into())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     reqwest::Client::builder().use_preconfigured_tls(tls).timeout(Duration::from_secs(20)).build().unwrap()
 }
 
@@ -373,6 +379,7 @@ impl Gw {
 
     pub async fn try_start(body: &str) -> Result<Gw, String> {
         init_audit_capture();
+        ensure_default_crypto_provider();
         let pki = Arc::new(Pki::new("test CA").unwrap());
         let dir = prepare_dir(&pki);
         let path = dir.path().join("gateway.toml");
@@ -426,9 +433,7 @@ impl Gw {
 }
 
 pub fn metric_value(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or(0.0)
+    text.lines().find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -477,4 +482,252 @@ pub fn audit_lines() -> Vec<Value> {
 /// The raw captured audit text.
 pub fn audit_text() -> String {
     String::from_utf8(AUDIT.get().expect("audit capture installed").lock().unwrap().clone()).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Gateways with extra files (secrets, key sets) next to their config
+
+impl Gw {
+    /// Like [`Gw::start`], but first writes `files` (name relative to the gateway's directory, content)
+    /// next to the config, so the config can name them (`client_secret_file = "secret.txt"`).
+    pub async fn start_with_files(body: &str, files: &[(&str, &str)]) -> Gw {
+        Gw::try_start_with_files(body, files).await.unwrap_or_else(|e| panic!("gateway did not start: {e}"))
+    }
+
+    pub async fn try_start_with_files(body: &str, files: &[(&str, &str)]) -> Result<Gw, String> {
+        init_audit_capture();
+        ensure_default_crypto_provider();
+        let pki = Arc::new(Pki::new("test CA").unwrap());
+        let dir = prepare_dir(&pki);
+        for (name, text) in files {
+            let p = dir.path().join(name);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).unwrap();
+            }
+            std::fs::write(p, text).unwrap();
+        }
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, config_text(body)).unwrap();
+        let config = Config::load(&path).map_err(|e| e.to_string())?;
+        let handle = server::start(config, Some(path)).await?;
+        let base = format!("https://localhost:{}", handle.addr.port());
+        let admin = format!("http://{}", handle.admin_addr.unwrap());
+        Ok(Gw { client: client_for(&pki), handle: Some(handle), dir, base, admin, pki })
+    }
+
+    /// The HTTP status of `GET /readyz` on the admin listener.
+    pub async fn readyz(&self) -> u16 {
+        ensure_default_crypto_provider();
+        reqwest::get(format!("{}/readyz", self.admin)).await.unwrap().status().as_u16()
+    }
+}
+
+/// `reqwest::get` (used by [`Gw::metrics`]) builds a client from the process-wide rustls provider and
+/// panics with "No provider set" when there is none; this installs aws-lc-rs once per test binary.
+pub fn ensure_default_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Raw clients: HTTP/2 over ALPN, hand-built rustls configs, hyper over TLS for requests reqwest would
+// rewrite (dot segments, streamed bodies), and metric polling.
+
+/// The test CA as a rustls root store.
+pub fn root_store(pki: &Pki) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    roots
+}
+
+/// Like [`client_for`], but offering ALPN `h2` and `http/1.1`, so HTTP/2 is negotiated.
+pub fn client_h2(pki: &Pki) -> reqwest::Client {
+    let mut tls =
+        rustls::ClientConfig::builder_with_provider(rustls::crypto::aws_lc_rs::default_provider().into())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(root_store(pki))
+            .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    reqwest::Client::builder().use_preconfigured_tls(tls).timeout(Duration::from_secs(20)).build().unwrap()
+}
+
+/// A rustls client config trusting the test CA, limited to `versions` and the suites named in
+/// `suites` (rustls names such as `TLS13_AES_128_GCM_SHA256`; empty = the provider's defaults).
+pub fn tls_client_config(
+    pki: &Pki,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    suites: &[&str],
+) -> rustls::ClientConfig {
+    let base = rustls::crypto::aws_lc_rs::default_provider();
+    let cipher_suites = if suites.is_empty() {
+        base.cipher_suites.clone()
+    } else {
+        suites
+            .iter()
+            .map(|name| {
+                *rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES
+                    .iter()
+                    .find(|s| s.suite().as_str() == Some(*name))
+                    .unwrap_or_else(|| panic!("unknown suite {name}"))
+            })
+            .collect()
+    };
+    let provider = rustls::crypto::CryptoProvider { cipher_suites, ..base };
+    rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(root_store(pki))
+        .with_no_client_auth()
+}
+
+/// A TLS connection to the gateway with `config` (SNI `localhost`), bounded by 5 s.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    config: rustls::ClientConfig,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        connector.connect(name, tcp).await
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS connect timed out"))?
+}
+
+impl Gw {
+    /// Sends `req` as-is over a fresh HTTP/1.1 connection (hyper, no URL normalisation, the body
+    /// streamed as given). The URI is origin-form (`/path?q`); `Host` is set when missing.
+    pub async fn raw_request(&self, mut req: Request<Body>) -> Response<Incoming> {
+        let tls = tls_connect(self.addr(), tls_client_config(&self.pki, rustls::DEFAULT_VERSIONS, &[]))
+            .await
+            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(conn);
+        if !req.headers().contains_key("host") {
+            let host = format!("localhost:{}", self.addr().port());
+            req.headers_mut().insert("host", host.parse().unwrap());
+        }
+        tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+            .await
+            .expect("the gateway answered within 30 s")
+            .unwrap()
+    }
+
+    /// Polls `sample` every 20 ms until it reaches `want` or 3 s pass; returns the last value.
+    pub async fn wait_metric(&self, sample: &str, want: f64) -> f64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let v = self.metric(sample).await;
+            if v >= want || tokio::time::Instant::now() >= deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Installs aws-lc-rs as the process-wide rustls provider (same as [`ensure_default_crypto_provider`]):
+/// [`Gw::metrics`] uses `reqwest::get`, which panics with "No provider set" without one.
+pub fn install_crypto_provider() {
+    ensure_default_crypto_provider();
+}
+
+/// A whole config file like [`config_text`], with `server_extra` lines in `[server]` and `tls_extra`
+/// lines in `[server.tls]` (`config_text` leaves no room for either).
+pub fn config_text_with(server_extra: &str, tls_extra: &str, body: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server_extra}\n\n[server.tls]\ncert = \"gateway.crt\"\nkey = \"gateway.key\"\n{tls_extra}\n\n{body}"
+    )
+}
+
+impl Gw {
+    /// Starts a gateway from a whole config file (see [`config_text_with`]); the directory holds
+    /// `gateway.crt`, `gateway.key`, `ca.pem` and `policies/` as for [`Gw::start`].
+    pub async fn start_full(text: &str) -> Gw {
+        init_audit_capture();
+        ensure_default_crypto_provider();
+        let pki = Arc::new(Pki::new("test CA").unwrap());
+        let dir = prepare_dir(&pki);
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("bad test config: {e}"));
+        let handle = server::start(config, Some(path)).await.unwrap();
+        let base = format!("https://localhost:{}", handle.addr.port());
+        let admin = format!("http://{}", handle.admin_addr.unwrap());
+        Gw { client: client_for(&pki), handle: Some(handle), dir, base, admin, pki }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Gateways restarted on the same directory (state files survive a restart), config rewrites, and admin
+// API calls.
+
+impl Gw {
+    /// Shuts the gateway down and hands back its directory and CA, so another gateway can start on the
+    /// same files with [`Gw::start_in`].
+    pub async fn stop_keep_dir(mut self) -> (tempfile::TempDir, Arc<Pki>) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await;
+        }
+        let Gw { dir, pki, .. } = self;
+        (dir, pki)
+    }
+
+    /// Starts a gateway on an existing directory (one [`prepare_dir`] made for `pki`, typically handed
+    /// back by [`Gw::stop_keep_dir`]): (re)writes `gateway.toml` as [`config_text`]`(body)`; every other
+    /// file in the directory (state files, secrets) is kept.
+    pub async fn start_in(dir: tempfile::TempDir, pki: Arc<Pki>, body: &str) -> Gw {
+        Gw::try_start_in(dir, pki, body).await.unwrap_or_else(|e| panic!("gateway did not start: {e}"))
+    }
+
+    /// Like [`Gw::start_in`], returning the start error (config or `server::start`) as text.
+    pub async fn try_start_in(dir: tempfile::TempDir, pki: Arc<Pki>, body: &str) -> Result<Gw, String> {
+        init_audit_capture();
+        ensure_default_crypto_provider();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, config_text(body)).unwrap();
+        let config = Config::load(&path).map_err(|e| e.to_string())?;
+        let handle = server::start(config, Some(path)).await?;
+        let base = format!("https://localhost:{}", handle.addr.port());
+        let admin = format!("http://{}", handle.admin_addr.unwrap());
+        Ok(Gw { client: client_for(&pki), handle: Some(handle), dir, base, admin, pki })
+    }
+
+    /// Rewrites this gateway's `gateway.toml` as [`config_text`]`(body)` (for reload tests).
+    pub fn rewrite_config(&self, body: &str) {
+        std::fs::write(self.dir.path().join("gateway.toml"), config_text(body)).unwrap();
+    }
+
+    /// One call to the admin listener: `method` on `path` with an optional bearer `token` and an optional
+    /// raw JSON `body`. Returns the status and the body parsed as JSON (Null when it is not JSON).
+    pub async fn admin_call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        ensure_default_crypto_provider();
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = reqwest::Client::new().request(method, format!("{}{path}", self.admin));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_string());
+        }
+        let resp = tokio::time::timeout(Duration::from_secs(10), req.send())
+            .await
+            .expect("the admin listener answered within 10 s")
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
 }
