@@ -473,6 +473,7 @@ struct RawRoute {
     data_class: String,
     #[serde(default)]
     introspect_jwts: bool,
+    max_body_bytes: Option<u64>,
 }
 
 mod defaults {
@@ -799,6 +800,8 @@ pub struct RouteConfig {
     pub mode: Mode,
     pub data_class: String,
     pub introspect_jwts: bool,
+    /// Request bodies larger than this get 413.
+    pub max_body_bytes: u64,
 }
 
 impl Config {
@@ -1185,6 +1188,7 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
                 mode,
                 data_class: rr.data_class.clone(),
                 introspect_jwts: rr.introspect_jwts,
+                max_body_bytes: rr.max_body_bytes.unwrap_or(raw.server.max_body_bytes),
             });
         }
     }

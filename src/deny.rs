@@ -29,6 +29,9 @@ pub enum Reason {
     UpstreamUnreachable,
     UpstreamTimeout,
     UpstreamInvalidResponse,
+    UriTooLong,
+    BodyTooLarge,
+    BodyTimeout,
 }
 
 impl Reason {
@@ -51,6 +54,9 @@ impl Reason {
             Reason::UpstreamUnreachable => "upstream_unreachable",
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::UpstreamInvalidResponse => "upstream_invalid_response",
+            Reason::UriTooLong => "uri_too_long",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::BodyTimeout => "body_timeout",
         }
     }
 }
@@ -125,6 +131,12 @@ pub enum Denial {
     UpstreamTimeout,
     #[error("the upstream sent an invalid response")]
     UpstreamInvalid,
+    #[error("the request URI is longer than this gateway accepts")]
+    UriTooLong,
+    #[error("the request body is larger than this route accepts")]
+    BodyTooLarge,
+    #[error("the request body stopped arriving")]
+    BodyTimeout,
 }
 
 fn block_detail(block: Block, jurisdiction: &Jurisdiction, route: &str) -> String {
@@ -164,13 +176,21 @@ impl Denial {
             Denial::UpstreamUnreachable => Reason::UpstreamUnreachable,
             Denial::UpstreamTimeout => Reason::UpstreamTimeout,
             Denial::UpstreamInvalid => Reason::UpstreamInvalidResponse,
+            Denial::UriTooLong => Reason::UriTooLong,
+            Denial::BodyTooLarge => Reason::BodyTooLarge,
+            Denial::BodyTimeout => Reason::BodyTimeout,
         }
     }
 
     pub fn outcome(&self) -> Outcome {
         match self {
             Denial::NoRoute => Outcome::NoRoute,
-            Denial::InvalidPath | Denial::DuplicateToken | Denial::TokenInUrl => Outcome::BadRequest,
+            Denial::InvalidPath
+            | Denial::DuplicateToken
+            | Denial::TokenInUrl
+            | Denial::UriTooLong
+            | Denial::BodyTooLarge
+            | Denial::BodyTimeout => Outcome::BadRequest,
             Denial::MissingToken | Denial::MalformedToken | Denial::Token(_) => Outcome::Unauthorized,
             Denial::Residency { .. } => Outcome::Blocked,
             Denial::TokenService => Outcome::Unavailable,
@@ -189,6 +209,9 @@ impl Denial {
             Denial::TokenService => StatusCode::SERVICE_UNAVAILABLE,
             Denial::UpstreamUnreachable | Denial::UpstreamInvalid => StatusCode::BAD_GATEWAY,
             Denial::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Denial::UriTooLong => StatusCode::URI_TOO_LONG,
+            Denial::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Denial::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -210,7 +233,10 @@ impl Denial {
             | Denial::TokenService
             | Denial::UpstreamUnreachable
             | Denial::UpstreamTimeout
-            | Denial::UpstreamInvalid => None,
+            | Denial::UpstreamInvalid
+            | Denial::UriTooLong
+            | Denial::BodyTooLarge
+            | Denial::BodyTimeout => None,
         }
     }
 

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -13,13 +13,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::Body;
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, IpNet, UpstreamConfig};
 use crate::deny::Denial;
 use crate::route::Route;
 
 pub struct Forwarder {
     client: Client<HttpsConnector<HttpConnector>, Body>,
     settings: UpstreamConfig,
+    trusted_proxies: Vec<IpNet>,
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -49,7 +50,7 @@ impl Forwarder {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        Ok(Forwarder { client, settings })
+        Ok(Forwarder { client, settings, trusted_proxies: config.server.trusted_proxies.clone() })
     }
 
     /// Sends `req` to the route's upstream and streams the response back.
@@ -64,17 +65,39 @@ impl Forwarder {
         let original_host = request_host(&req).map(str::to_string);
         *req.uri_mut() = upstream_uri(upstream, req.uri()).map_err(|_| Denial::UpstreamInvalid)?;
         *req.version_mut() = http::Version::HTTP_11;
+        let upgrade = upgrade_protocol(req.headers());
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let trusted = self.trusted_proxies.iter().any(|n| n.contains(peer.ip()));
         let headers = req.headers_mut();
+        // Only the chain a trusted proxy vouches for is kept; from anyone else it is replaced.
+        let chain = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let chain = if trusted && !chain.is_empty() {
+            format!("{chain}, {}", peer.ip())
+        } else {
+            peer.ip().to_string()
+        };
         strip_hop_by_hop(headers);
+        // `Expect` was answered at this hop (hyper sends `100 Continue` once the body is read).
+        headers.remove(header::EXPECT);
         // The client's copies go first, so it can neither forge nor strip what the gateway sets.
         for h in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &FORWARDED, &X_REQUEST_ID] {
             headers.remove(h);
         }
-        headers
-            .insert(&X_FORWARDED_FOR, HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is ASCII"));
+        if let Ok(v) = HeaderValue::from_str(&chain) {
+            headers.insert(&X_FORWARDED_FOR, v);
+        }
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         if let Some(h) = original_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
             headers.insert(&X_FORWARDED_HOST, h);
+        }
+        if let Some(proto) = &upgrade {
+            headers.insert(header::UPGRADE, proto.clone());
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert(&X_REQUEST_ID, id);
@@ -98,9 +121,49 @@ impl Forwarder {
             }
             Ok(Ok(resp)) => resp,
         };
+        let mut resp = resp;
+        if let (Some(proto), Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
+            (&upgrade, client_upgrade, resp.status())
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade, route.config.name.clone()));
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts.headers.insert(header::UPGRADE, proto.clone());
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            return Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()));
+        }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()))
+    }
+}
+
+/// The protocol an HTTP/1.1 upgrade asks for (`Connection: upgrade` plus `Upgrade: websocket`).
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if asks { headers.get(header::UPGRADE).cloned() } else { None }
+}
+
+/// Copies bytes both ways once client and upstream have both switched protocols. The request was
+/// authorised before the upstream saw it; what flows after `101` is opaque to the gateway.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, route: String) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(%route, error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%route, error = %e, "tunnel closed with an error");
     }
 }
 

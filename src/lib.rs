@@ -21,6 +21,7 @@ pub mod dev;
 pub mod explain;
 pub mod forward;
 pub mod iso3166;
+pub mod limits;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;

@@ -16,6 +16,7 @@ use crate::audit::Record;
 use crate::config::Mode;
 use crate::deny::{Block, Denial, Outcome};
 use crate::forward::request_host;
+use crate::limits::{GuardedBody, Trip, Tripped};
 use crate::route::{Route, path_is_normal};
 use crate::runtime::{Gateway, Runtime};
 use crate::token::{TokenError, Unavailable, extract, fingerprint};
@@ -77,6 +78,10 @@ async fn handle_inner(
     rec: &mut Record,
     route_out: &mut Option<Arc<Route>>,
 ) -> Result<Response<Body>, Denial> {
+    let limits = &gw.config.server.limits;
+    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
+        return Err(Denial::UriTooLong);
+    }
     if extract::token_in_query(req.uri()) {
         return Err(Denial::TokenInUrl);
     }
@@ -136,6 +141,19 @@ async fn handle_inner(
         }
     }
 
-    let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
-    gw.forwarder.forward(&route, req, peer, &rec.request_id).await
+    // A declared length over the limit is refused before a byte is read (and before `100 Continue`).
+    if http_body::Body::size_hint(req.body()).lower() > rc.max_body_bytes {
+        return Err(Denial::BodyTooLarge);
+    }
+    let tripped = Tripped::default();
+    let req = req.map(|b| {
+        GuardedBody::new(b, rc.max_body_bytes, limits.body_idle_timeout, tripped.clone()).boxed_unsync()
+    });
+    let result = gw.forwarder.forward(&route, req, peer, &rec.request_id).await;
+    // A body cut off by a limit makes the upstream request fail: answer for the limit, not the upstream.
+    match (result, tripped.get()) {
+        (Err(_), Some(Trip::TooLarge)) => Err(Denial::BodyTooLarge),
+        (Err(_), Some(Trip::Idle)) => Err(Denial::BodyTimeout),
+        (result, _) => result,
+    }
 }

@@ -80,7 +80,7 @@ async fn env(extra: &str) -> Env {
     let route = |name: &str, prefix: &str, up: &str| {
         format!(
             "[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"{up}\"\n\
-             jurisdiction = \"DE\"\nissuers = [\"corp\"]\n\n"
+             jurisdiction = \"DE\"\nissuers = [\"corp\"]\nmax_body_bytes = 67108864\n\n"
         )
     };
     let mut body = format!(
