@@ -285,6 +285,8 @@ struct RawConfig {
     #[serde(default)]
     cache: RawCache,
     #[serde(default)]
+    dpop: RawDpop,
+    #[serde(default)]
     issuers: Vec<RawIssuer>,
     #[serde(default)]
     admin: RawAdmin,
@@ -324,6 +326,8 @@ struct RawServer {
     keep_alive_timeout_seconds: f64,
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    /// Where the gateway itself runs; an upstream elsewhere must be reached over TLS.
+    jurisdiction: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -334,6 +338,8 @@ struct RawTls {
     min_version: String,
     cipher_suites: Option<Vec<String>>,
     key_exchange_groups: Option<Vec<String>>,
+    client_ca: Option<PathBuf>,
+    client_auth: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -345,6 +351,8 @@ struct RawUpstream {
     #[serde(default = "defaults::pool_idle_timeout")]
     pool_idle_timeout_seconds: f64,
     ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 impl Default for RawUpstream {
@@ -354,6 +362,8 @@ impl Default for RawUpstream {
             response_timeout_seconds: defaults::response_timeout(),
             pool_idle_timeout_seconds: defaults::pool_idle_timeout(),
             ca_file: None,
+            client_cert: None,
+            client_key: None,
         }
     }
 }
@@ -375,6 +385,26 @@ impl Default for RawPolicySection {
             dir: defaults::policy_dir(),
             regions_claim: defaults::regions_claim(),
             scope_regions: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawDpop {
+    #[serde(default = "defaults::dpop_window")]
+    window_seconds: f64,
+    #[serde(default = "defaults::dpop_algorithms")]
+    algorithms: Vec<String>,
+    #[serde(default = "defaults::dpop_replay_entries")]
+    replay_cache_entries: u64,
+}
+
+impl Default for RawDpop {
+    fn default() -> Self {
+        RawDpop {
+            window_seconds: defaults::dpop_window(),
+            algorithms: defaults::dpop_algorithms(),
+            replay_cache_entries: defaults::dpop_replay_entries(),
         }
     }
 }
@@ -429,6 +459,8 @@ struct RawIssuer {
     #[serde(default = "defaults::http_timeout")]
     timeout_seconds: f64,
     ca_file: Option<PathBuf>,
+    #[serde(default)]
+    require_bound_tokens: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -474,6 +506,10 @@ struct RawRoute {
     #[serde(default)]
     introspect_jwts: bool,
     max_body_bytes: Option<u64>,
+    #[serde(default)]
+    allow_plaintext_cross_border: bool,
+    #[serde(default)]
+    require_bound_tokens: bool,
 }
 
 mod defaults {
@@ -568,6 +604,15 @@ mod defaults {
     pub fn keep_alive_timeout() -> f64 {
         60.0
     }
+    pub fn dpop_window() -> f64 {
+        60.0
+    }
+    pub fn dpop_algorithms() -> Vec<String> {
+        vec!["ES256".into(), "RS256".into(), "PS256".into(), "EdDSA".into()]
+    }
+    pub fn dpop_replay_entries() -> u64 {
+        100_000
+    }
     pub fn mode() -> String {
         "enforce".into()
     }
@@ -589,6 +634,7 @@ pub struct Config {
     pub policy_dir: PathBuf,
     pub policy: Arc<Policy>,
     pub cache: CacheConfig,
+    pub dpop: DpopConfig,
     pub issuers: Vec<IssuerConfig>,
     pub admin: AdminConfig,
     pub state: StateConfig,
@@ -673,6 +719,17 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// A client certificate chain and key presented to upstreams that ask for one.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// DPoP proof checks (RFC 9449).
+#[derive(Debug, Clone)]
+pub struct DpopConfig {
+    /// How far a proof's `iat` may be from now, either way; also how long its `jti` is remembered.
+    pub window: Duration,
+    pub algorithms: Vec<Algorithm>,
+    pub replay_cache_entries: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -736,6 +793,8 @@ pub struct IssuerConfig {
     pub regions_claim: Option<ClaimPath>,
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Refuse this issuer's tokens unless they are sender-constrained.
+    pub require_bound_tokens: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -802,6 +861,8 @@ pub struct RouteConfig {
     pub introspect_jwts: bool,
     /// Request bodies larger than this get 413.
     pub max_body_bytes: u64,
+    /// Refuse tokens that are not sender-constrained (mTLS-bound or DPoP).
+    pub require_bound_tokens: bool,
 }
 
 impl Config {
@@ -888,7 +949,25 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         min_version: raw.server.tls.min_version.clone(),
         cipher_suites: raw.server.tls.cipher_suites.clone().unwrap_or_else(tls::default_cipher_suites),
         key_exchange_groups: raw.server.tls.key_exchange_groups.clone().unwrap_or_else(tls::default_groups),
+        client_ca: raw.server.tls.client_ca.as_deref().map(resolve),
+        client_cert_required: match raw.server.tls.client_auth.as_deref() {
+            None | Some("optional") => false,
+            Some("required") => true,
+            Some(other) => {
+                err(
+                    &tk.field("client_auth"),
+                    format!("unknown client_auth `{other}`; valid: optional, required"),
+                );
+                false
+            }
+        },
     };
+    if raw.server.tls.client_auth.is_some() && raw.server.tls.client_ca.is_none() {
+        err(
+            &tk.field("client_auth"),
+            "client_auth needs client_ca, the bundle client certificates are checked against".into(),
+        );
+    }
     let server_tls = match tls::ServerTls::build(&tls_settings) {
         Ok(t) => Some(t),
         Err(problems) => {
@@ -904,6 +983,14 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
     {
         err(&k.field("upstream").field("ca_file"), e);
     }
+    let client_identity = match (&raw.upstream.client_cert, &raw.upstream.client_key) {
+        (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
+        (None, None) => None,
+        _ => {
+            err(&k.field("upstream"), "client_cert and client_key go together".into());
+            None
+        }
+    };
 
     // [policy]
     let pk = k.field("policy");
@@ -1062,6 +1149,7 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             regions_claim: ri.regions_claim.as_deref().map(ClaimPath::new),
             timeout: secs(ri.timeout_seconds),
             ca_file: ri.ca_file.as_deref().map(resolve),
+            require_bound_tokens: ri.require_bound_tokens,
         });
     }
 
@@ -1100,6 +1188,34 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
     };
 
     // [[routes]]
+    // [dpop]
+    check_seconds(raw.dpop.window_seconds, &k.field("dpop").field("window_seconds"), &mut err);
+    let mut dpop_algorithms = Vec::new();
+    for (i, name) in raw.dpop.algorithms.iter().enumerate() {
+        match name.parse::<Algorithm>() {
+            Ok(Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) | Err(_) => err(
+                &k.field("dpop").field("algorithms").index(i),
+                format!("`{name}` is not a public-key JWS algorithm"),
+            ),
+            Ok(a) => dpop_algorithms.push(a),
+        }
+    }
+
+    let server_jurisdiction = match &raw.server.jurisdiction {
+        None => None,
+        Some(j) => match policy.as_ref().and_then(|p| p.resolve(j)) {
+            Some(j) => Some(j),
+            None => {
+                if policy.is_some() {
+                    err(
+                        &sk.field("jurisdiction"),
+                        format!("`{j}` is neither an ISO 3166 jurisdiction code nor an alias"),
+                    );
+                }
+                None
+            }
+        },
+    };
     let mut routes = Vec::new();
     let mut warnings = Vec::new();
     let mut route_names = HashSet::new();
@@ -1176,6 +1292,26 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
         if !valid_name(&rr.data_class) {
             err(&rk.field("data_class"), "letters, digits, '-', '_' only".into());
         }
+        // TLS is not optional when data leaves the gateway's own jurisdiction.
+        if let (Some(here), Some(there), Some(up)) = (&server_jurisdiction, &jurisdiction, &upstream)
+            && here != there
+            && up.scheme_str() != Some("https")
+        {
+            if rr.allow_plaintext_cross_border {
+                warnings.push(src.error(
+                    &rk.field("allow_plaintext_cross_border"),
+                    format!("route `{}` sends data from {here} to {there} without TLS", rr.name),
+                ));
+            } else {
+                err(
+                    &rk.field("upstream"),
+                    format!(
+                        "the upstream is in {there}, outside the gateway's {here}: it must be https \
+                         (or set allow_plaintext_cross_border = true)"
+                    ),
+                );
+            }
+        }
         if let (Some(upstream), Some(jurisdiction)) = (upstream, jurisdiction) {
             routes.push(RouteConfig {
                 name: rr.name.clone(),
@@ -1189,6 +1325,7 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
                 data_class: rr.data_class.clone(),
                 introspect_jwts: rr.introspect_jwts,
                 max_body_bytes: rr.max_body_bytes.unwrap_or(raw.server.max_body_bytes),
+                require_bound_tokens: rr.require_bound_tokens,
             });
         }
     }
@@ -1221,6 +1358,7 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             response_timeout: secs(raw.upstream.response_timeout_seconds),
             pool_idle_timeout: secs(raw.upstream.pool_idle_timeout_seconds),
             ca_file: upstream_ca,
+            client_identity,
         },
         regions: RegionRules {
             claim: ClaimPath::new(&raw.policy.regions_claim),
@@ -1237,6 +1375,11 @@ fn validate(src: &Source, raw: RawConfig, errors: &mut Vec<ConfigError>) -> Opti
             max_entries: raw.cache.max_entries,
             max_ttl: secs(raw.cache.max_ttl_seconds),
             negative_ttl: secs(raw.cache.negative_ttl_seconds),
+        },
+        dpop: DpopConfig {
+            window: secs(raw.dpop.window_seconds),
+            algorithms: dpop_algorithms,
+            replay_cache_entries: raw.dpop.replay_cache_entries,
         },
         issuers,
         admin: AdminConfig { token: admin_token },

@@ -8,6 +8,7 @@ use http::{Response, StatusCode};
 use crate::Body;
 use crate::policy::{Jurisdiction, Refusal};
 use crate::token::TokenError;
+use crate::token::dpop::DpopError;
 
 /// Stable snake_case reason codes: the same word in the response body, the audit line and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,6 +33,9 @@ pub enum Reason {
     UriTooLong,
     BodyTooLarge,
     BodyTimeout,
+    TokenBindingMismatch,
+    DpopInvalid,
+    DpopReplay,
 }
 
 impl Reason {
@@ -57,6 +61,9 @@ impl Reason {
             Reason::UriTooLong => "uri_too_long",
             Reason::BodyTooLarge => "body_too_large",
             Reason::BodyTimeout => "body_timeout",
+            Reason::TokenBindingMismatch => "token_binding_mismatch",
+            Reason::DpopInvalid => "dpop_invalid",
+            Reason::DpopReplay => "dpop_replay",
         }
     }
 }
@@ -137,6 +144,11 @@ pub enum Denial {
     BodyTooLarge,
     #[error("the request body stopped arriving")]
     BodyTimeout,
+    /// A sender-constrained token used without its binding, or a route that demands one.
+    #[error("{0}")]
+    Binding(&'static str),
+    #[error("{0}")]
+    Dpop(#[from] DpopError),
 }
 
 fn block_detail(block: Block, jurisdiction: &Jurisdiction, route: &str) -> String {
@@ -179,6 +191,9 @@ impl Denial {
             Denial::UriTooLong => Reason::UriTooLong,
             Denial::BodyTooLarge => Reason::BodyTooLarge,
             Denial::BodyTimeout => Reason::BodyTimeout,
+            Denial::Binding(_) => Reason::TokenBindingMismatch,
+            Denial::Dpop(DpopError::Invalid(_)) => Reason::DpopInvalid,
+            Denial::Dpop(DpopError::Replay) => Reason::DpopReplay,
         }
     }
 
@@ -191,7 +206,11 @@ impl Denial {
             | Denial::UriTooLong
             | Denial::BodyTooLarge
             | Denial::BodyTimeout => Outcome::BadRequest,
-            Denial::MissingToken | Denial::MalformedToken | Denial::Token(_) => Outcome::Unauthorized,
+            Denial::MissingToken
+            | Denial::MalformedToken
+            | Denial::Token(_)
+            | Denial::Binding(_)
+            | Denial::Dpop(_) => Outcome::Unauthorized,
             Denial::Residency { .. } => Outcome::Blocked,
             Denial::TokenService => Outcome::Unavailable,
             Denial::UpstreamUnreachable | Denial::UpstreamTimeout | Denial::UpstreamInvalid => {
@@ -204,7 +223,11 @@ impl Denial {
         match self {
             Denial::NoRoute => StatusCode::NOT_FOUND,
             Denial::InvalidPath | Denial::DuplicateToken | Denial::TokenInUrl => StatusCode::BAD_REQUEST,
-            Denial::MissingToken | Denial::MalformedToken | Denial::Token(_) => StatusCode::UNAUTHORIZED,
+            Denial::MissingToken
+            | Denial::MalformedToken
+            | Denial::Token(_)
+            | Denial::Binding(_)
+            | Denial::Dpop(_) => StatusCode::UNAUTHORIZED,
             Denial::Residency { .. } => StatusCode::FORBIDDEN,
             Denial::TokenService => StatusCode::SERVICE_UNAVAILABLE,
             Denial::UpstreamUnreachable | Denial::UpstreamInvalid => StatusCode::BAD_GATEWAY,
@@ -216,7 +239,7 @@ impl Denial {
     }
 
     /// The RFC 6750 §3 challenge, when this denial has one.
-    fn challenge(&self, realm: &str) -> Option<String> {
+    fn challenge(&self, realm: &str, dpop_algs: &str) -> Option<String> {
         let with_error = |error: &str, description: &str| {
             format!("Bearer realm=\"{realm}\", error=\"{error}\", error_description=\"{description}\"")
         };
@@ -227,6 +250,11 @@ impl Denial {
                 Some(with_error("invalid_request", &self.to_string()))
             }
             Denial::Token(e) => Some(with_error("invalid_token", e.description())),
+            Denial::Binding(why) => Some(with_error("invalid_token", why)),
+            // RFC 9449 §7.1: a DPoP challenge naming the algorithms a proof may use.
+            Denial::Dpop(e) => Some(format!(
+                "DPoP algs=\"{dpop_algs}\", error=\"invalid_dpop_proof\", error_description=\"{e}\""
+            )),
             Denial::Residency { .. } => Some(with_error("insufficient_scope", &self.to_string())),
             Denial::NoRoute
             | Denial::InvalidPath
@@ -244,6 +272,7 @@ impl Denial {
     pub fn respond(
         &self,
         realm: &str,
+        dpop_algs: &str,
         route: Option<&str>,
         jurisdiction: Option<&Jurisdiction>,
     ) -> Response<Body> {
@@ -266,7 +295,7 @@ impl Denial {
         let headers = resp.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Some(c) = self.challenge(realm) {
+        if let Some(c) = self.challenge(realm, dpop_algs) {
             // Every part is ASCII from this crate or the config's realm, which validation keeps printable.
             if let Ok(v) = HeaderValue::from_str(&c) {
                 headers.insert(WWW_AUTHENTICATE, v);

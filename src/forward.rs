@@ -35,7 +35,8 @@ impl Forwarder {
     pub fn new(config: &Config) -> Result<Forwarder, String> {
         let settings = config.upstream.clone();
         let roots = crate::tls::roots(settings.ca_file.as_deref())?;
-        let tls = config.server.tls.policy.client_config(roots, &[])?;
+        let identity = settings.client_identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        let tls = config.server.tls.policy.client_config_with_cert(roots, &[], identity)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(settings.connect_timeout));
@@ -169,19 +170,41 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 
 /// The request's host without port: the URI authority (HTTP/2, absolute form) or the Host header.
 pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.as_str(),
-        None => req.headers().get(header::HOST)?.to_str().ok()?,
-    };
-    Some(strip_port(raw))
+    request_authority(req).map(|(host, _)| host)
 }
 
-fn strip_port(authority: &str) -> &str {
-    let authority = authority.rsplit('@').next().unwrap_or(authority);
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    authority.split(':').next().unwrap_or(authority)
+/// The host and port the client addressed; 443 when it named no port (the data plane is https).
+pub fn request_authority<B>(req: &Request<B>) -> Option<(&str, u16)> {
+    let authority = match req.uri().authority() {
+        Some(a) => a,
+        None => {
+            let raw = req.headers().get(header::HOST)?.as_bytes();
+            // Parsed only to validate; the borrow below needs the header's own bytes.
+            let _ = http::uri::Authority::try_from(raw).ok()?;
+            return split_authority(std::str::from_utf8(raw).ok()?);
+        }
+    };
+    split_authority(authority.as_str())
+}
+
+/// `host[:port]` or `[v6]:port` -> (host without brackets, port or 443).
+fn split_authority(raw: &str) -> Option<(&str, u16)> {
+    let raw = raw.rsplit('@').next()?;
+    let (host, port) = match raw.strip_prefix('[') {
+        Some(rest) => {
+            let (h, tail) = rest.split_once(']')?;
+            (h, tail.strip_prefix(':'))
+        }
+        None => match raw.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (raw, None),
+        },
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => 443,
+    };
+    Some((host, port))
 }
 
 /// `https://up:8443/base` + `/orders/1?x=y` -> `https://up:8443/base/orders/1?x=y`.
@@ -260,8 +283,9 @@ mod tests {
 
     #[test]
     fn hosts() {
-        assert_eq!(strip_port("api.example.com:8443"), "api.example.com");
-        assert_eq!(strip_port("[::1]:8443"), "::1");
-        assert_eq!(strip_port("api"), "api");
+        assert_eq!(split_authority("api.example.com:8443"), Some(("api.example.com", 8443)));
+        assert_eq!(split_authority("[::1]:8443"), Some(("::1", 8443)));
+        assert_eq!(split_authority("api"), Some(("api", 443)));
+        assert_eq!(split_authority("api:x"), None);
     }
 }

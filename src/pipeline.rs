@@ -14,16 +14,22 @@ use hyper::body::Incoming;
 use crate::Body;
 use crate::audit::Record;
 use crate::config::Mode;
+use crate::config::RouteConfig;
 use crate::deny::{Block, Denial, Outcome};
-use crate::forward::request_host;
+use crate::forward::{request_authority, request_host};
 use crate::limits::{GuardedBody, Trip, Tripped};
 use crate::route::{Route, path_is_normal};
 use crate::runtime::{Gateway, Runtime};
+use crate::token::Principal;
+use crate::token::dpop::{DpopError, RequestUrl};
+use crate::token::extract::Scheme;
 use crate::token::{TokenError, Unavailable, extract, fingerprint};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 pub async fn handle(
     rt: Arc<Runtime>,
-    peer: SocketAddr,
+    conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
@@ -35,13 +41,18 @@ pub async fn handle(
         ..Record::default()
     };
     let mut route: Option<Arc<Route>> = None;
-    let result = handle_inner(&rt, &gw, peer, req, &mut rec, &mut route).await;
+    let result = handle_inner(&rt, &gw, &conn, req, &mut rec, &mut route).await;
 
     let (mut resp, outcome, reason) = match result {
         Ok(resp) => (resp, Outcome::Forwarded, rec.would_block.unwrap_or("allowed")),
         Err(denial) => {
             let jurisdiction = route.as_ref().map(|r| r.config.jurisdiction);
-            let resp = denial.respond(&gw.config.server.realm, rec.route.as_deref(), jurisdiction.as_ref());
+            let resp = denial.respond(
+                &gw.config.server.realm,
+                gw.dpop.algs(),
+                rec.route.as_deref(),
+                jurisdiction.as_ref(),
+            );
             if let (Denial::Residency { .. }, Some(r)) = (&denial, &route) {
                 let c = &r.config;
                 rt.metrics.transfer_blocked(
@@ -73,7 +84,7 @@ pub async fn handle(
 async fn handle_inner(
     rt: &Runtime,
     gw: &Gateway,
-    peer: SocketAddr,
+    conn: &ConnInfo,
     req: Request<Incoming>,
     rec: &mut Record,
     route_out: &mut Option<Arc<Route>>,
@@ -104,7 +115,7 @@ async fn handle_inner(
     });
     *route_out = Some(route.clone());
 
-    let token = extract::bearer(req.headers())?;
+    let (scheme, token) = extract::credentials(req.headers())?;
     rec.fingerprint = Some(fingerprint(token));
     let principal = match gw.verifier.check(rc, token).await {
         Err(Unavailable) => return Err(Denial::TokenService),
@@ -112,6 +123,8 @@ async fn handle_inner(
         Ok(Ok(p)) => p,
     };
     rec.principal = Some(principal.clone());
+
+    check_binding(gw, rc, conn, &req, scheme, token, &principal)?;
 
     // Revocations and halts are looked up on every request, cached validation or not.
     if !rt.state.loaded() {
@@ -149,11 +162,68 @@ async fn handle_inner(
     let req = req.map(|b| {
         GuardedBody::new(b, rc.max_body_bytes, limits.body_idle_timeout, tripped.clone()).boxed_unsync()
     });
-    let result = gw.forwarder.forward(&route, req, peer, &rec.request_id).await;
+    let result = gw.forwarder.forward(&route, req, conn.peer, &rec.request_id).await;
     // A body cut off by a limit makes the upstream request fail: answer for the limit, not the upstream.
     match (result, tripped.get()) {
         (Err(_), Some(Trip::TooLarge)) => Err(Denial::BodyTooLarge),
         (Err(_), Some(Trip::Idle)) => Err(Denial::BodyTimeout),
         (result, _) => result,
     }
+}
+
+/// What the connection tells about the client.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// SHA-256 of the client certificate verified during the TLS handshake (mutual TLS).
+    pub client_cert_sha256: Option<[u8; 32]>,
+}
+
+/// Sender-constrained tokens: a `cnf.x5t#S256` must match the connection's client certificate
+/// (RFC 8705 §3), a `cnf.jkt` must come with a DPoP proof signed by that key (RFC 9449), and routes or
+/// issuers that require it refuse tokens bound to neither.
+fn check_binding(
+    gw: &Gateway,
+    route: &RouteConfig,
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+    scheme: Scheme,
+    token: &str,
+    principal: &Principal,
+) -> Result<(), Denial> {
+    let cnf = principal.cnf.as_ref();
+    let jkt = cnf.and_then(|c| c.get("jkt")).and_then(|v| v.as_str());
+    let x5t = cnf.and_then(|c| c.get("x5t#S256")).and_then(|v| v.as_str());
+    match scheme {
+        Scheme::Dpop => {
+            let proof = extract::dpop_proof(req.headers())
+                .ok_or(DpopError::Invalid("one DPoP header is required"))?;
+            let (host, port) =
+                request_authority(req).ok_or(DpopError::Invalid("the request names no host"))?;
+            let url = RequestUrl { host, port, path: req.uri().path() };
+            let key = gw.dpop.verify(proof, req.method().as_str(), &url, token)?;
+            if jkt != Some(key.as_str()) {
+                return Err(Denial::Binding("the DPoP proof key is not the key the token is bound to"));
+            }
+        }
+        Scheme::Bearer if jkt.is_some() => {
+            return Err(Denial::Binding("a DPoP-bound token must be sent with the DPoP scheme and a proof"));
+        }
+        Scheme::Bearer => {}
+    }
+    if let Some(x5t) = x5t {
+        let presented = conn.client_cert_sha256.map(|d| URL_SAFE_NO_PAD.encode(d));
+        if presented.as_deref() != Some(x5t) {
+            return Err(Denial::Binding(
+                "the token is bound to a client certificate this connection did not present",
+            ));
+        }
+    }
+    let issuer_requires =
+        gw.verifier.issuer(&principal.issuer).is_some_and(|i| i.config.require_bound_tokens);
+    if (route.require_bound_tokens || issuer_requires) && jkt.is_none() && x5t.is_none() {
+        return Err(Denial::Binding(
+            "this route accepts only sender-constrained (mTLS- or DPoP-bound) tokens",
+        ));
+    }
+    Ok(())
 }

@@ -14,11 +14,13 @@ use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::state::State;
 use crate::token::Verifier;
+use crate::token::dpop::DpopVerifier;
 
 pub struct Gateway {
     pub config: Config,
     pub router: Router,
     pub verifier: Arc<Verifier>,
+    pub dpop: DpopVerifier,
     pub forwarder: Forwarder,
     refreshers: Vec<JoinHandle<()>>,
 }
@@ -49,6 +51,11 @@ impl Gateway {
             }
         }
         let forwarder = Forwarder::new(&config)?;
+        let d = &config.dpop;
+        let mut dpop = DpopVerifier::new(d.window, d.algorithms.clone(), d.replay_cache_entries);
+        if let Some(prev) = previous {
+            dpop.adopt(&prev.dpop);
+        }
         let router = Router::new(&config.routes, metrics);
         let mut first = tokio::task::JoinSet::new();
         for issuer in verifier.issuers().filter(|i| i.jwt.is_some()).cloned() {
@@ -69,7 +76,7 @@ impl Gateway {
                 }
             }));
         }
-        Ok(Gateway { config, router, verifier, forwarder, refreshers })
+        Ok(Gateway { config, router, verifier, dpop, forwarder, refreshers })
     }
 }
 

@@ -167,11 +167,18 @@ impl Connection {
             Arc::new(ActiveRequests { opened: tokio::time::Instant::now(), inner: Default::default() });
         let svc_active = active.clone();
         let svc_rt = rt.clone();
+        let client_cert_sha256 = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, c.as_ref()).as_ref());
+            d
+        });
+        let info = Arc::new(crate::pipeline::ConnInfo { peer, client_cert_sha256 });
         let service = service_fn(move |req| {
             let guard = svc_active.enter();
             let rt = svc_rt.clone();
+            let info = info.clone();
             async move {
-                let resp = crate::pipeline::handle(rt, peer, req).await;
+                let resp = crate::pipeline::handle(rt, info, req).await;
                 // The request counts as in flight until its response body has been sent.
                 resp.map(|r| {
                     r.map(|body| {

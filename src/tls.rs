@@ -40,6 +40,10 @@ pub struct TlsSettings {
     pub min_version: String,
     pub cipher_suites: Vec<String>,
     pub key_exchange_groups: Vec<String>,
+    /// Client certificates are verified against this bundle when set.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: refuse clients without a certificate.
+    pub client_cert_required: bool,
 }
 
 /// A problem with one TLS key, for the config error list.
@@ -123,11 +127,29 @@ impl CryptoPolicy {
 
     /// A client config with the same allowlist, trusting `roots`.
     pub fn client_config(&self, roots: RootCertStore, alpn: &[&[u8]]) -> Result<ClientConfig, String> {
-        let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
+        self.client_config_with_cert(roots, alpn, None)
+    }
+
+    /// The same, presenting `identity` (certificate chain and key PEM files) for mutual TLS.
+    pub fn client_config_with_cert(
+        &self,
+        roots: RootCertStore,
+        alpn: &[&[u8]],
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<ClientConfig, String> {
+        let builder = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&self.versions)
             .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut cfg = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let certs = load_certs(cert)?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
+                builder.with_client_auth_cert(certs, key).map_err(|e| format!("client certificate: {e}"))?
+            }
+        };
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(cfg)
     }
@@ -157,14 +179,28 @@ impl ServerTls {
                 return Err(problems);
             }
         };
-        let mut config = ServerConfig::builder_with_provider(policy.provider.clone())
+        let builder = ServerConfig::builder_with_provider(policy.provider.clone())
             .with_protocol_versions(&policy.versions)
-            .map_err(|e| vec![Problem { key: "min_version", message: e.to_string() }])?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| {
-                vec![Problem { key: "key", message: format!("certificate and key do not fit: {e}") }]
-            })?;
+            .map_err(|e| vec![Problem { key: "min_version", message: e.to_string() }])?;
+        let builder = match &s.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let roots = load_roots(ca).map_err(|m| vec![Problem { key: "client_ca", message: m }])?;
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    policy.provider.clone(),
+                );
+                let verifier =
+                    if s.client_cert_required { verifier } else { verifier.allow_unauthenticated() };
+                let verifier = verifier
+                    .build()
+                    .map_err(|e| vec![Problem { key: "client_ca", message: format!("client CA: {e}") }])?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+            vec![Problem { key: "key", message: format!("certificate and key do not fit: {e}") }]
+        })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(ServerTls { config: Arc::new(config), policy })
     }

@@ -12,8 +12,21 @@ pub fn token_in_query(uri: &Uri) -> bool {
     })
 }
 
+/// How the token was presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Bearer,
+    /// RFC 9449: the request also carries a `DPoP` proof header.
+    Dpop,
+}
+
 /// The token from the request's single `Authorization` header (scheme case-insensitive, RFC 7235).
 pub fn bearer(headers: &HeaderMap) -> Result<&str, Denial> {
+    credentials(headers).map(|(_, token)| token)
+}
+
+/// The scheme and token from the request's single `Authorization` header: `Bearer` or `DPoP`.
+pub fn credentials(headers: &HeaderMap) -> Result<(Scheme, &str), Denial> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
     let value = values.next().ok_or(Denial::MissingToken)?;
     if values.next().is_some() {
@@ -21,12 +34,26 @@ pub fn bearer(headers: &HeaderMap) -> Result<&str, Denial> {
     }
     let value = value.to_str().map_err(|_| Denial::MalformedToken)?;
     let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+        Scheme::Bearer
+    } else if scheme.eq_ignore_ascii_case("dpop") {
+        Scheme::Dpop
+    } else {
         // Another scheme (Basic, …) carries no bearer credentials: RFC 6750 §3.1 treats it as missing.
         return Err(Denial::MissingToken);
-    }
+    };
     let token = rest.trim_start_matches(' ');
-    if is_b64token(token) { Ok(token) } else { Err(Denial::MalformedToken) }
+    if is_b64token(token) { Ok((scheme, token)) } else { Err(Denial::MalformedToken) }
+}
+
+/// The single `DPoP` proof header.
+pub fn dpop_proof(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all("dpop").iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    first.to_str().ok()
 }
 
 /// RFC 6750 §2.1: `b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.

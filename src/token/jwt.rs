@@ -17,10 +17,16 @@ use super::{Checked, Method, Principal, TokenError, Unavailable, now_secs};
 use crate::config::{IssuerConfig, JwtSettings, KeySource, RegionRules};
 use crate::metrics::Metrics;
 
-struct Key {
+pub(crate) struct Key {
     decoding: DecodingKey,
     /// The algorithms this key may verify: its own `alg`, or what its type and curve allow.
     algorithms: Vec<Algorithm>,
+}
+
+impl Key {
+    pub(crate) fn decoding(&self) -> &DecodingKey {
+        &self.decoding
+    }
 }
 
 /// One fetched key set.
@@ -319,7 +325,7 @@ fn map_error(kind: &ErrorKind) -> TokenError {
 }
 
 /// A JWK fit for verifying signatures with one of `allowed`, or the bounded reason it is skipped.
-fn usable_key(value: &Value, allowed: &[Algorithm]) -> Result<Key, &'static str> {
+pub(crate) fn usable_key(value: &Value, allowed: &[Algorithm]) -> Result<Key, &'static str> {
     let jwk: Jwk = serde_json::from_value(value.clone()).map_err(|_| "unsupported")?;
     if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))) {
         return Err("not_for_signing");

@@ -1,6 +1,7 @@
 //! Bearer tokens: extraction, JWT verification against JWKS, RFC 7662 introspection, and the one
 //! validation cache both paths share.
 
+pub mod dpop;
 pub mod extract;
 pub mod introspect;
 pub mod jwt;
@@ -232,6 +233,10 @@ impl Verifier {
             .expire_after(EntryTtl)
             .build();
         Ok(Verifier { issuers, cache, cache_cfg: config.cache.clone(), metrics: metrics.clone() })
+    }
+
+    pub fn issuer(&self, name: &str) -> Option<&Arc<Issuer>> {
+        self.issuers.get(name)
     }
 
     pub fn issuers(&self) -> impl Iterator<Item = &Arc<Issuer>> {
