@@ -93,7 +93,12 @@ impl Signer {
     pub fn mint(&self, claims: &Value) -> String {
         let mut header = Header::new(self.alg);
         header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.key).expect("signing with a generated key works")
+        self.sign(&header, claims)
+    }
+
+    /// Signs `claims` under a header of the caller's making (a DPoP proof carries its `jwk` and `typ`).
+    pub fn sign(&self, header: &Header, claims: &Value) -> String {
+        jsonwebtoken::encode(header, claims, &self.key).expect("signing with a generated key works")
     }
 }
 

@@ -112,7 +112,9 @@ impl Forwarder {
         route.metrics.upstream.observe(start.elapsed().as_secs_f64());
         let resp = match result {
             Err(_) => return Err(Denial::UpstreamTimeout),
-            Ok(Err(e)) if e.is_connect() => {
+            // A TLS 1.3 server refuses a client certificate after the client's handshake is done, so
+            // that refusal arrives with the request, not the connect: it is still an unreachable upstream.
+            Ok(Err(e)) if e.is_connect() || caused_by_tls(&e) => {
                 tracing::warn!(route = %route.config.name, error = %e, "upstream connect failed");
                 return Err(Denial::UpstreamUnreachable);
             }
@@ -138,6 +140,21 @@ impl Forwarder {
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()))
     }
+}
+
+fn caused_by_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let io_tls = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .is_some_and(|i| i.is::<rustls::Error>());
+        if err.is::<rustls::Error>() || io_tls {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The protocol an HTTP/1.1 upgrade asks for (`Connection: upgrade` plus `Upgrade: websocket`).

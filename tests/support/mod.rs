@@ -378,12 +378,31 @@ impl Gw {
     }
 
     pub async fn try_start(body: &str) -> Result<Gw, String> {
+        Gw::launch(None, &config_text(body), &[]).await
+    }
+
+    /// The one way every helper starts a gateway: in `dir` (a fresh one from [`prepare_dir`] when `None`),
+    /// with `files` written next to the config, then `text` as `gateway.toml`.
+    pub async fn launch(
+        dir: Option<(tempfile::TempDir, Arc<Pki>)>,
+        text: &str,
+        files: &[(&str, &str)],
+    ) -> Result<Gw, String> {
         init_audit_capture();
         ensure_default_crypto_provider();
-        let pki = Arc::new(Pki::new("test CA").unwrap());
-        let dir = prepare_dir(&pki);
+        let (dir, pki) = dir.unwrap_or_else(|| {
+            let pki = Arc::new(Pki::new("test CA").unwrap());
+            (prepare_dir(&pki), pki)
+        });
+        for (name, content) in files {
+            let p = dir.path().join(name);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).unwrap();
+            }
+            std::fs::write(p, content).unwrap();
+        }
         let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, config_text(body)).unwrap();
+        std::fs::write(&path, text).unwrap();
         let config = Config::load(&path).map_err(|e| e.to_string())?;
         let handle = server::start(config, Some(path)).await?;
         let base = format!("https://localhost:{}", handle.addr.port());
@@ -495,24 +514,7 @@ impl Gw {
     }
 
     pub async fn try_start_with_files(body: &str, files: &[(&str, &str)]) -> Result<Gw, String> {
-        init_audit_capture();
-        ensure_default_crypto_provider();
-        let pki = Arc::new(Pki::new("test CA").unwrap());
-        let dir = prepare_dir(&pki);
-        for (name, text) in files {
-            let p = dir.path().join(name);
-            if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent).unwrap();
-            }
-            std::fs::write(p, text).unwrap();
-        }
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, config_text(body)).unwrap();
-        let config = Config::load(&path).map_err(|e| e.to_string())?;
-        let handle = server::start(config, Some(path)).await?;
-        let base = format!("https://localhost:{}", handle.addr.port());
-        let admin = format!("http://{}", handle.admin_addr.unwrap());
-        Ok(Gw { client: client_for(&pki), handle: Some(handle), dir, base, admin, pki })
+        Gw::launch(None, &config_text(body), files).await
     }
 
     /// The HTTP status of `GET /readyz` on the admin listener.
@@ -651,17 +653,7 @@ impl Gw {
     /// Starts a gateway from a whole config file (see [`config_text_with`]); the directory holds
     /// `gateway.crt`, `gateway.key`, `ca.pem` and `policies/` as for [`Gw::start`].
     pub async fn start_full(text: &str) -> Gw {
-        init_audit_capture();
-        ensure_default_crypto_provider();
-        let pki = Arc::new(Pki::new("test CA").unwrap());
-        let dir = prepare_dir(&pki);
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, text).unwrap();
-        let config = Config::load(&path).unwrap_or_else(|e| panic!("bad test config: {e}"));
-        let handle = server::start(config, Some(path)).await.unwrap();
-        let base = format!("https://localhost:{}", handle.addr.port());
-        let admin = format!("http://{}", handle.admin_addr.unwrap());
-        Gw { client: client_for(&pki), handle: Some(handle), dir, base, admin, pki }
+        Gw::launch(None, text, &[]).await.unwrap_or_else(|e| panic!("bad test config: {e}"))
     }
 }
 
@@ -689,15 +681,7 @@ impl Gw {
 
     /// Like [`Gw::start_in`], returning the start error (config or `server::start`) as text.
     pub async fn try_start_in(dir: tempfile::TempDir, pki: Arc<Pki>, body: &str) -> Result<Gw, String> {
-        init_audit_capture();
-        ensure_default_crypto_provider();
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, config_text(body)).unwrap();
-        let config = Config::load(&path).map_err(|e| e.to_string())?;
-        let handle = server::start(config, Some(path)).await?;
-        let base = format!("https://localhost:{}", handle.addr.port());
-        let admin = format!("http://{}", handle.admin_addr.unwrap());
-        Ok(Gw { client: client_for(&pki), handle: Some(handle), dir, base, admin, pki })
+        Gw::launch(Some((dir, pki)), &config_text(body), &[]).await
     }
 
     /// Rewrites this gateway's `gateway.toml` as [`config_text`]`(body)` (for reload tests).
