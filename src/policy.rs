@@ -241,7 +241,7 @@ impl Policy {
                 if !valid_group_name(&upper) {
                     errors.push(src.error(
                         &key,
-                        "a group name is letters, digits and hyphens and must not be an assigned \
+                        "a group name is two or more letters, digits and hyphens, and not an assigned \
                          jurisdiction code",
                     ));
                     continue;
