@@ -221,20 +221,10 @@ async fn add_revocation(rt: &Runtime, body: &[u8]) -> Response<Body> {
         let entry =
             Revocation { id: new_id(), by, value, issuer, expires_at, created_at: now_secs(), reason };
         let id = entry.id.clone();
-        rt.state
-            .change(|e| {
-                e.revocations.push(entry);
-                true
-            })
-            .await
-            .map_err(store_error)?;
-        Ok((id.clone(), json_reply(StatusCode::CREATED, json!({ "id": id }))))
+        store(rt, id, |e| e.revocations.push(entry)).await
     }
     .await;
-    match result {
-        Ok((id, resp)) => outcome(rt, "revoke", &id, Ok(resp)),
-        Err(resp) => outcome(rt, "revoke", "", Err(resp)),
-    }
+    created(rt, "revoke", result)
 }
 
 async fn add_halt(rt: &Runtime, body: &[u8]) -> Response<Body> {
@@ -269,19 +259,36 @@ async fn add_halt(rt: &Runtime, body: &[u8]) -> Response<Body> {
         };
         let entry = Halt { id: new_id(), by, value, reason, created_at: now_secs() };
         let id = entry.id.clone();
-        rt.state
-            .change(|e| {
-                e.halts.push(entry);
-                true
-            })
-            .await
-            .map_err(store_error)?;
-        Ok((id.clone(), json_reply(StatusCode::CREATED, json!({ "id": id }))))
+        store(rt, id, |e| e.halts.push(entry)).await
     }
     .await;
+    created(rt, "halt", result)
+}
+
+/// Adds a new entry through the state store; the id is what the caller hands back.
+async fn store(
+    rt: &Runtime,
+    id: String,
+    add: impl FnOnce(&mut crate::state::Entries),
+) -> Result<String, Response<Body>> {
+    rt.state
+        .change(|e| {
+            add(e);
+            true
+        })
+        .await
+        .map_err(store_error)?;
+    Ok(id)
+}
+
+/// The reply to a create: 201 with the new id, or the error; audited and counted either way.
+fn created(rt: &Runtime, action: &str, result: Result<String, Response<Body>>) -> Response<Body> {
     match result {
-        Ok((id, resp)) => outcome(rt, "halt", &id, Ok(resp)),
-        Err(resp) => outcome(rt, "halt", "", Err(resp)),
+        Ok(id) => {
+            let resp = json_reply(StatusCode::CREATED, json!({ "id": id }));
+            outcome(rt, action, &id, Ok(resp))
+        }
+        Err(resp) => outcome(rt, action, "", Err(resp)),
     }
 }
 
