@@ -252,8 +252,16 @@ impl Verifier {
     /// issuers is verified locally (unless the route introspects JWTs); anything else goes to the route's
     /// introspection issuer.
     fn select(&self, route: &RouteConfig, token: &str) -> Result<(&Arc<Issuer>, Method), TokenError> {
-        let iss = jsonwebtoken::dangerous::insecure_decode::<Peek>(token).ok().and_then(|d| d.claims.iss);
         let route_issuers = || route.issuers.iter().filter_map(|n| self.issuers.get(n));
+        // One JWT issuer and nothing to introspect with: no choice to make, so the claims are not decoded
+        // twice (verification checks `iss` anyway). This is the common route and the hot path.
+        if !route.introspect_jwts && route_issuers().all(|i| i.introspection.is_none()) {
+            let mut jwt = route_issuers().filter(|i| i.jwt.is_some());
+            if let (Some(only), None) = (jwt.next(), jwt.next()) {
+                return Ok((only, Method::Jwt));
+            }
+        }
+        let iss = jsonwebtoken::dangerous::insecure_decode::<Peek>(token).ok().and_then(|d| d.claims.iss);
         if let Some(iss) = &iss {
             if !route.introspect_jwts
                 && let Some(i) = route_issuers().find(|i| i.jwt.is_some() && i.config.issuer == *iss)
