@@ -164,8 +164,13 @@ pub fn now_secs() -> u64 {
 
 /// Hex of the first 8 bytes of SHA-256(token): lets an audit line be matched to a token without holding it.
 pub fn fingerprint(token: &str) -> String {
+    use std::fmt::Write;
     let d = digest::digest(&digest::SHA256, token.as_bytes());
-    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    let mut hex = String::with_capacity(16);
+    for b in &d.as_ref()[..8] {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
 }
 
 /// The method is part of the key: a route that introspects JWTs must not be served a local verdict.
