@@ -33,6 +33,7 @@ pub enum Reason {
     UriTooLong,
     BodyTooLarge,
     BodyTimeout,
+    InvalidBody,
     TokenBindingMismatch,
     DpopInvalid,
     DpopReplay,
@@ -61,6 +62,7 @@ impl Reason {
             Reason::UriTooLong => "uri_too_long",
             Reason::BodyTooLarge => "body_too_large",
             Reason::BodyTimeout => "body_timeout",
+            Reason::InvalidBody => "invalid_body",
             Reason::TokenBindingMismatch => "token_binding_mismatch",
             Reason::DpopInvalid => "dpop_invalid",
             Reason::DpopReplay => "dpop_replay",
@@ -144,6 +146,8 @@ pub enum Denial {
     BodyTooLarge,
     #[error("the request body stopped arriving")]
     BodyTimeout,
+    #[error("the request body is not validly framed")]
+    InvalidBody,
     /// A sender-constrained token used without its binding, or a route that demands one.
     #[error("{0}")]
     Binding(&'static str),
@@ -191,6 +195,7 @@ impl Denial {
             Denial::UriTooLong => Reason::UriTooLong,
             Denial::BodyTooLarge => Reason::BodyTooLarge,
             Denial::BodyTimeout => Reason::BodyTimeout,
+            Denial::InvalidBody => Reason::InvalidBody,
             Denial::Binding(_) => Reason::TokenBindingMismatch,
             Denial::Dpop(DpopError::Invalid(_)) => Reason::DpopInvalid,
             Denial::Dpop(DpopError::Replay) => Reason::DpopReplay,
@@ -205,7 +210,8 @@ impl Denial {
             | Denial::TokenInUrl
             | Denial::UriTooLong
             | Denial::BodyTooLarge
-            | Denial::BodyTimeout => Outcome::BadRequest,
+            | Denial::BodyTimeout
+            | Denial::InvalidBody => Outcome::BadRequest,
             Denial::MissingToken
             | Denial::MalformedToken
             | Denial::Token(_)
@@ -235,6 +241,7 @@ impl Denial {
             Denial::UriTooLong => StatusCode::URI_TOO_LONG,
             Denial::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Denial::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Denial::InvalidBody => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -264,7 +271,8 @@ impl Denial {
             | Denial::UpstreamInvalid
             | Denial::UriTooLong
             | Denial::BodyTooLarge
-            | Denial::BodyTimeout => None,
+            | Denial::BodyTimeout
+            | Denial::InvalidBody => None,
         }
     }
 

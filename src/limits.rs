@@ -22,6 +22,8 @@ pub struct Tripped(Arc<AtomicU8>);
 pub enum Trip {
     TooLarge,
     Idle,
+    /// The client's body framing broke (a bad chunk, a reset): its fault, not the upstream's.
+    Broken,
 }
 
 impl Tripped {
@@ -33,6 +35,7 @@ impl Tripped {
         match self.0.load(Ordering::Relaxed) {
             1 => Some(Trip::TooLarge),
             2 => Some(Trip::Idle),
+            3 => Some(Trip::Broken),
             _ => None,
         }
     }
@@ -82,7 +85,10 @@ impl Body for GuardedBody {
                 this.timer.as_mut().reset(Instant::now() + *this.idle);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                this.tripped.set(Trip::Broken);
+                Poll::Ready(Some(Err(e.into())))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match this.timer.poll(cx) {
                 Poll::Ready(()) => {

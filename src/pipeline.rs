@@ -167,6 +167,7 @@ async fn handle_inner(
     match (result, tripped.get()) {
         (Err(_), Some(Trip::TooLarge)) => Err(Denial::BodyTooLarge),
         (Err(_), Some(Trip::Idle)) => Err(Denial::BodyTimeout),
+        (Err(_), Some(Trip::Broken)) => Err(Denial::InvalidBody),
         (result, _) => result,
     }
 }

@@ -285,10 +285,11 @@ impl Policy {
             }
         }
         let mut groups = HashMap::new();
+        let mut memo = HashMap::new();
         for (name, (members, fi, key)) in &raw_groups {
             let mut expanded = HashSet::new();
             let mut stack = vec![name.clone()];
-            if let Err(cycle) = expand(&raw_groups, name, &mut stack, &mut expanded) {
+            if let Err(cycle) = expand(&raw_groups, name, &mut stack, &mut expanded, &mut memo) {
                 errors.push(sources[*fi].error(key, format!("group cycle: {}", cycle.join(" → "))));
                 continue;
             }
@@ -346,12 +347,14 @@ fn looks_like_subdivision(m: &str) -> bool {
         && Jurisdiction::parse(m).is_none()
 }
 
-/// Depth-first expansion; `stack` holds the chain being expanded so a cycle can be named.
+/// Depth-first expansion; `stack` holds the chain being expanded so a cycle can be named, and `memo` the
+/// groups already expanded, so a group shared by many others is expanded once (linear, not exponential).
 fn expand(
     raw: &RawGroups,
     name: &str,
     stack: &mut Vec<String>,
     out: &mut HashSet<Jurisdiction>,
+    memo: &mut HashMap<String, HashSet<Jurisdiction>>,
 ) -> Result<(), Vec<String>> {
     let Some((members, _, _)) = raw.get(name) else {
         return Ok(());
@@ -367,9 +370,16 @@ fn expand(
                     cycle.push(g.clone());
                     return Err(cycle);
                 }
+                if let Some(done) = memo.get(g) {
+                    out.extend(done.iter().copied());
+                    continue;
+                }
                 stack.push(g.clone());
-                expand(raw, g, stack, out)?;
+                let mut sub = HashSet::new();
+                expand(raw, g, stack, &mut sub, memo)?;
                 stack.pop();
+                out.extend(sub.iter().copied());
+                memo.insert(g.clone(), sub);
             }
         }
     }

@@ -68,8 +68,9 @@ pub fn path_is_normal(path: &str) -> bool {
     if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") || path.contains('\\') {
         return false;
     }
+    // `;params` are dropped before dot segments by servlet containers: `/..;/` is `..` to them.
     lower.split('/').all(|seg| {
-        let decoded = seg.replace("%2e", ".");
+        let decoded = seg.split(';').next().unwrap_or(seg).replace("%2e", ".");
         decoded != "." && decoded != ".."
     })
 }

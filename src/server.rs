@@ -199,7 +199,8 @@ impl Connection {
         let limits = (header_timeout, limits.keep_alive_timeout);
         let mut draining = false;
         loop {
-            let idle = active.deadline(limits);
+            // Re-checked at least this often, so the end of a request moves the deadline forward in time.
+            let idle = active.deadline(limits).min(tokio::time::Instant::now() + limits.0.min(limits.1));
             tokio::select! {
                 res = conn.as_mut() => {
                     if let Err(e) = res {

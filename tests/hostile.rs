@@ -736,6 +736,15 @@ fn h2_get(path: &str, token: &str) -> Vec<u8> {
     b
 }
 
+/// A literal header field without indexing, new name; neither string Huffman-coded.
+fn hpack_literal_new(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.push(0x00);
+    hpack_int(out, 0x00, 7, name.len());
+    out.extend(name.as_bytes());
+    hpack_int(out, 0x00, 7, value.len());
+    out.extend(value.as_bytes());
+}
+
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Reads whole frames as (type, flags, stream, payload) until `done` says so or `within` passes.
@@ -1145,6 +1154,67 @@ async fn a_malformed_chunked_body_is_a_client_error_not_an_upstream_error() {
     assert_eq!(upstream_errors, 0.0, "client framing errors were counted as upstream errors");
 }
 
+#[tokio::test]
+async fn http2_requests_that_would_desync_an_http1_upstream_never_reach_it() {
+    // HTTP/2 -> HTTP/1.1 downgrade smuggling: connection-specific headers, CR/LF inside a value, and a
+    // body longer than its content-length are malformed in HTTP/2 (RFC 9113 §8.1.1, §8.2.1, §8.2.2) and
+    // must be reset, not rewritten into an HTTP/1.1 request.
+    let e = env("").await;
+    let t = e.token();
+    let cases: &[(&str, &str, &str)] = &[
+        ("transfer-encoding", "transfer-encoding", "chunked"),
+        ("connection", "connection", "keep-alive"),
+        ("keep-alive", "keep-alive", "timeout=5"),
+        ("upgrade", "upgrade", "websocket"),
+        ("CRLF in a value", "x-inject", "a\r\nTransfer-Encoding: chunked"),
+        ("LF in a value", "x-inject", "a\nX-Smuggled: 1"),
+        ("NUL in a value", "x-inject", "a\0b"),
+        ("upper-case name", "X-Upper", "1"),
+        ("space in a name", "x bad", "1"),
+    ];
+    for (what, name, value) in cases {
+        let mut c = Conn::new(h2_tls(&e.gw).await);
+        let mut block = h2_get("/orders/h2", &t);
+        hpack_literal_new(&mut block, name, value);
+        let mut bytes = H2_PREFACE.to_vec();
+        bytes.extend(h2_frame(H2_SETTINGS, 0, 0, &[]));
+        bytes.extend(h2_frame(H2_HEADERS, 0x5, 1, &block));
+        c.send(&bytes).await;
+        let frames = h2_read_frames(&mut c, WAIT, |f| {
+            f.iter().any(|(k, _, s, _)| {
+                (*k == H2_RST_STREAM && *s == 1) || *k == H2_GOAWAY || (*k == H2_HEADERS && *s == 1)
+            })
+        })
+        .await;
+        let reset = frames.iter().any(|(k, _, s, _)| (*k == H2_RST_STREAM && *s == 1) || *k == H2_GOAWAY);
+        let answered = frames.iter().any(|(k, _, s, _)| *k == H2_HEADERS && *s == 1);
+        assert!(reset || answered, "{what}: no answer at all: {frames:?}");
+        assert_eq!(e.up.hits(), 0, "{what}: a malformed HTTP/2 request reached the upstream");
+    }
+
+    // DATA beyond the declared content-length: the upstream gets at most the declared 5 bytes.
+    let mut c = Conn::new(h2_tls(&e.gw).await);
+    let mut block = h2_get("/orders/cl", &t);
+    block[0] = 0x83; // :method POST
+    hpack_literal(&mut block, 28, "5"); // content-length
+    let mut bytes = H2_PREFACE.to_vec();
+    bytes.extend(h2_frame(H2_SETTINGS, 0, 0, &[]));
+    bytes.extend(h2_frame(H2_HEADERS, 0x4, 1, &block));
+    c.send(&bytes).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.send(&h2_frame(0x0, 0x1, 1, b"helloSMUGGLED")).await;
+    let frames = h2_read_frames(&mut c, WAIT, |f| {
+        f.iter().any(|(k, _, s, _)| {
+            (*k == H2_RST_STREAM && *s == 1) || *k == H2_GOAWAY || (*k == H2_HEADERS && *s == 1)
+        })
+    })
+    .await;
+    assert!(!frames.is_empty());
+    if let Some(seen) = eventually(|| last_seen(&e.up)).await {
+        assert!(seen.body_len <= 5, "the upstream got {} bytes of a 5-byte body", seen.body_len);
+    }
+}
+
 // =========================================================================================================
 // Request smuggling, upstream side: responses framed badly by a raw TCP upstream
 
@@ -1238,6 +1308,24 @@ async fn an_extra_response_from_the_upstream_is_never_served_to_the_next_client(
             assert_eq!(r.status, 502, "request {i}");
         }
     }
+}
+
+#[tokio::test]
+async fn dot_segments_with_path_parameters_are_invalid_path() {
+    // Servlet containers (Tomcat, Jetty) and some frameworks drop `;params` from a segment before
+    // resolving dot segments, so `/orders/..;/admin` reaches `/admin` on the upstream: the same
+    // escape from the route's prefix that plain `..` is refused for (src/route.rs `path_is_normal`).
+    let e = env("").await;
+    let t = e.token();
+    for path in
+        ["/orders/..;/admin", "/orders/..;x=1/admin", "/orders/%2e%2e;/admin", "/orders/a/..;/..;/admin"]
+    {
+        let mut c = e.h1().await;
+        c.send(&raw("GET", path, Some(&t), "", b"")).await;
+        let r = c.response().await.expect("a response");
+        assert_eq!((r.status, r.reason().as_str()), (400, "invalid_path"), "{path}");
+    }
+    assert_eq!(e.up.hits(), 0);
 }
 
 // =========================================================================================================
@@ -1551,4 +1639,31 @@ async fn garbage_truncation_and_abrupt_disconnects_do_not_hurt_the_gateway() {
     let m = e.gw.metrics().await;
     assert!(m.contains("residency_gateway_tls_handshake_failures_total"), "metrics are still served");
     assert_no_foreign_panics();
+}
+
+// =========================================================================================================
+// Found while fuzzing `config` (fuzz/fuzz_targets/config.rs): policy loading
+
+#[test]
+fn a_deep_chain_of_shared_groups_loads_in_linear_time() {
+    // `G00 = ["G01", "G01"]`, `G01 = ["G02", "G02"]`, … : each group is expanded by walking every path
+    // below it, so 40 lines of policy take 2^40 steps (src/policy.rs `expand`, called per group from
+    // `Policy::from_sources`, without memoising groups already expanded). `check`, `run` and a reload
+    // would hang on such a file. Expanded once per group, this is instant.
+    use residency_gateway::config::Source;
+    use residency_gateway::policy::Policy;
+    let depth = 40;
+    let mut text = String::from("[groups]\n");
+    for i in 0..depth {
+        text.push_str(&format!("G{i:02} = [\"G{:02}\", \"G{:02}\", \"FR\"]\n", i + 1, i + 1));
+    }
+    text.push_str(&format!("G{depth:02} = [\"DE\"]\n"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let src = Source::from_text("deep.toml", text).unwrap();
+        let _ = tx.send(Policy::from_sources(&[src]).map(|p| p.group_size("G00")).map_err(|e| e.len()));
+    });
+    let loaded = rx.recv_timeout(Duration::from_secs(3));
+    let loaded = loaded.expect("a 41-line policy file did not load within 3 s").expect("the policy is valid");
+    assert_eq!(loaded, Some(2), "G00 expands to DE and FR");
 }
