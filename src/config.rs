@@ -846,6 +846,15 @@ pub enum Mode {
     Monitor,
 }
 
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Monitor => "monitor",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub name: String,

@@ -100,10 +100,7 @@ async fn principal_for(
 pub fn explain(policy: &Policy, route: &RouteConfig, principal: &Principal) -> (String, u8) {
     let target = route.jurisdiction;
     let mut out = String::new();
-    let mode = match route.mode {
-        Mode::Enforce => "enforce",
-        Mode::Monitor => "monitor",
-    };
+    let mode = route.mode.as_str();
     let _ = writeln!(out, "route        {}", route.name);
     let declared = if route.declared.eq_ignore_ascii_case(target.as_str()) {
         String::new()

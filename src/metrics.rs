@@ -1,6 +1,8 @@
 //! The Prometheus registry and every metric the gateway exports. Labels are bounded sets (route names,
 //! configured jurisdictions, reason codes, issuer names); never a token, subject or client id.
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -58,6 +60,7 @@ impl Metrics {
         )
         .expect("valid metric definition");
         registry.register(Box::new(state_entries.clone())).expect("metric registered once");
+        registry.register(Box::new(AuditDropped::new())).expect("metric registered once");
         Metrics {
             requests: counter(
                 &registry,
@@ -181,6 +184,33 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// `audit_lines_dropped_total`: audit lines lost because stdout could not keep up. The count lives in
+/// the audit writer (one per process); each scrape reads it.
+struct AuditDropped(IntCounter);
+
+impl AuditDropped {
+    fn opts() -> Opts {
+        Opts::new("audit_lines_dropped_total", "Audit lines dropped because the audit writer fell behind")
+            .namespace(NS)
+    }
+
+    fn new() -> AuditDropped {
+        AuditDropped(IntCounter::with_opts(Self::opts()).expect("valid metric definition"))
+    }
+}
+
+impl Collector for AuditDropped {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let now = IntCounter::with_opts(Self::opts()).expect("valid metric definition");
+        now.inc_by(crate::audit::dropped_lines());
+        now.collect()
     }
 }
 

@@ -18,7 +18,7 @@ use crate::config::RouteConfig;
 use crate::deny::{Block, Denial, Outcome};
 use crate::forward::{request_authority, request_host};
 use crate::limits::{GuardedBody, Trip, Tripped};
-use crate::route::{Route, path_is_normal};
+use crate::route::path_is_normal;
 use crate::runtime::{Gateway, Runtime};
 use crate::token::Principal;
 use crate::token::dpop::{DpopError, RequestUrl};
@@ -36,12 +36,12 @@ pub async fn handle(
     let gw = rt.current();
     let mut rec = Record {
         request_id: rt.next_request_id(),
-        method: req.method().to_string(),
-        path: req.uri().path().to_string(),
+        method: req.method().clone(),
+        uri: req.uri().clone(),
         ..Record::default()
     };
-    let mut route: Option<Arc<Route>> = None;
-    let result = handle_inner(&rt, &gw, &conn, req, &mut rec, &mut route).await;
+    let result = handle_inner(&rt, &gw, &conn, req, &mut rec).await;
+    let route = rec.route.clone();
 
     let (mut resp, outcome, reason) = match result {
         Ok(resp) => (resp, Outcome::Forwarded, rec.would_block.unwrap_or("allowed")),
@@ -50,7 +50,7 @@ pub async fn handle(
             let resp = denial.respond(
                 &gw.config.server.realm,
                 gw.dpop.algs(),
-                rec.route.as_deref(),
+                route.as_ref().map(|r| r.config.name.as_str()),
                 jurisdiction.as_ref(),
             );
             if let (Denial::Residency { .. }, Some(r)) = (&denial, &route) {
@@ -87,7 +87,6 @@ async fn handle_inner(
     conn: &ConnInfo,
     req: Request<Incoming>,
     rec: &mut Record,
-    route_out: &mut Option<Arc<Route>>,
 ) -> Result<Response<Body>, Denial> {
     let limits = &gw.config.server.limits;
     if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
@@ -106,14 +105,7 @@ async fn handle_inner(
     }
     let route = gw.router.find(request_host(&req), path).ok_or(Denial::NoRoute)?.clone();
     let rc = &route.config;
-    rec.route = Some(rc.name.clone());
-    rec.jurisdiction = Some(rc.jurisdiction.to_string());
-    rec.data_class = Some(rc.data_class.clone());
-    rec.mode = Some(match rc.mode {
-        Mode::Enforce => "enforce",
-        Mode::Monitor => "monitor",
-    });
-    *route_out = Some(route.clone());
+    rec.route = Some(route.clone());
 
     let (scheme, token) = extract::credentials(req.headers())?;
     rec.fingerprint = Some(fingerprint(token));

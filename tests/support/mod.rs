@@ -460,32 +460,23 @@ pub fn metric_value(text: &str, sample: &str) -> f64 {
 
 static AUDIT: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
 
-#[derive(Clone)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
 
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+impl residency_gateway::audit::LineSink for Capture {
+    fn line(&self, line: Vec<u8>) {
+        self.0.lock().unwrap().extend_from_slice(&line);
     }
 }
 
-/// Installs (once per test binary) a subscriber that keeps audit lines in memory, in the same JSON
-/// shape the binary writes.
+/// Installs (once per test binary) the binary's audit layer, writing into memory instead of the batched
+/// stdout writer.
 pub fn init_audit_capture() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{Layer, filter::Targets};
     AUDIT.get_or_init(|| {
         let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = Capture(buf.clone());
-        let layer = tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_writer(move || writer.clone())
+        let layer = residency_gateway::audit::AuditLayer::new(Capture(buf.clone()))
             .with_filter(Targets::new().with_target("audit", tracing::Level::INFO));
         let _ = tracing_subscriber::registry().with(layer).try_init();
         buf
