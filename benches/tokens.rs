@@ -10,7 +10,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use residency_gateway::config::Config;
 use residency_gateway::dev::{EMBEDDED_POLICIES, Pki, Signer, serve_http};
 use residency_gateway::metrics::Metrics;
-use residency_gateway::token::{Verifier, now_secs};
+use residency_gateway::token::{Presented, Verifier, now_secs};
 use serde_json::json;
 
 struct Setup {
@@ -106,13 +106,13 @@ fn tokens(c: &mut Criterion) {
     // decision, which is made again on every hit.
     c.bench_function("jwt_cached_check_and_decide", |b| {
         b.to_async(&rt).iter(|| async {
-            let p = s.verifier.check(route, &s.rs256).await.unwrap().unwrap();
+            let p = s.verifier.check(route, &Presented::new(&s.rs256)).await.unwrap().unwrap();
             s.config.policy.decide(&p.allowed_regions, &route.jurisdiction).unwrap()
         })
     });
     c.bench_function("introspection_cached_check_and_decide", |b| {
         b.to_async(&rt).iter(|| async {
-            let p = s.verifier.check(route, s.opaque).await.unwrap().unwrap();
+            let p = s.verifier.check(route, &Presented::new(s.opaque)).await.unwrap().unwrap();
             s.config.policy.decide(&p.allowed_regions, &route.jurisdiction).unwrap()
         })
     });

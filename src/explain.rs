@@ -78,7 +78,7 @@ async fn principal_for(
                     let _ = j.refresh().await;
                 }
             }
-            match verifier.check(route, &token).await {
+            match verifier.check(route, &crate::token::Presented::new(&token)).await {
                 Ok(Ok(p)) => Ok((*p).clone()),
                 Ok(Err(e)) => Err((
                     format!("decision     block\nreason       {}\nwhy          {e}\n", e.reason().as_str()),

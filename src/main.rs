@@ -62,6 +62,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    residency_gateway::token::crypto::install();
     let cli = Cli::parse();
     let _guard = audit::init_logging();
     match cli.command {

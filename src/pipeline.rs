@@ -23,7 +23,7 @@ use crate::runtime::{Gateway, Runtime};
 use crate::token::Principal;
 use crate::token::dpop::{DpopError, RequestUrl};
 use crate::token::extract::Scheme;
-use crate::token::{TokenError, Unavailable, extract, fingerprint};
+use crate::token::{Presented, TokenError, Unavailable, extract};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -108,8 +108,9 @@ async fn handle_inner(
     rec.route = Some(route.clone());
 
     let (scheme, token) = extract::credentials(req.headers())?;
-    rec.fingerprint = Some(fingerprint(token));
-    let principal = match gw.verifier.check(rc, token).await {
+    let presented = Presented::new(token);
+    rec.fingerprint = Some(presented.fingerprint());
+    let principal = match gw.verifier.check(rc, &presented).await {
         Err(Unavailable) => return Err(Denial::TokenService),
         Ok(Err(e)) => return Err(Denial::Token(e)),
         Ok(Ok(p)) => p,

@@ -32,18 +32,29 @@ pub fn credentials(headers: &HeaderMap) -> Result<(Scheme, &str), Denial> {
     if values.next().is_some() {
         return Err(Denial::DuplicateToken);
     }
-    let value = value.to_str().map_err(|_| Denial::MalformedToken)?;
-    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-    let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+    // On bytes, in one pass over the token: a b64token is visible ASCII, so it is a valid str too.
+    let bytes = value.as_bytes();
+    let (scheme, mut token) = match bytes.iter().position(|&b| b == b' ') {
+        Some(i) => (&bytes[..i], &bytes[i + 1..]),
+        None => (bytes, &[][..]),
+    };
+    let scheme = if scheme.eq_ignore_ascii_case(b"bearer") {
         Scheme::Bearer
-    } else if scheme.eq_ignore_ascii_case("dpop") {
+    } else if scheme.eq_ignore_ascii_case(b"dpop") {
         Scheme::Dpop
+    } else if value.to_str().is_err() {
+        return Err(Denial::MalformedToken);
     } else {
         // Another scheme (Basic, …) carries no bearer credentials: RFC 6750 §3.1 treats it as missing.
         return Err(Denial::MissingToken);
     };
-    let token = rest.trim_start_matches(' ');
-    if is_b64token(token) { Ok((scheme, token)) } else { Err(Denial::MalformedToken) }
+    while let [b' ', rest @ ..] = token {
+        token = rest;
+    }
+    match is_b64token(token).then(|| std::str::from_utf8(token)) {
+        Some(Ok(t)) => Ok((scheme, t)),
+        _ => Err(Denial::MalformedToken),
+    }
 }
 
 /// The single `DPoP` proof header.
@@ -57,13 +68,24 @@ pub fn dpop_proof(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// RFC 6750 §2.1: `b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
-fn is_b64token(t: &str) -> bool {
-    let body = t.trim_end_matches('=');
-    !body.is_empty()
-        && body
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/'))
+fn is_b64token(t: &[u8]) -> bool {
+    let mut body = t;
+    while let [rest @ .., b'='] = body {
+        body = rest;
+    }
+    !body.is_empty() && body.iter().all(|&b| B64TOKEN[b as usize])
 }
+
+const B64TOKEN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~' | b'+' | b'/');
+        b += 1;
+    }
+    table
+};
 
 #[cfg(test)]
 mod tests {
@@ -91,6 +113,16 @@ mod tests {
         assert!(matches!(bearer(&headers(&["Bearer =abc"])), Err(Denial::MalformedToken)));
         assert!(matches!(bearer(&headers(&["Bearer a\"b"])), Err(Denial::MalformedToken)));
         assert!(matches!(bearer(&headers(&["Bearer a", "Bearer b"])), Err(Denial::DuplicateToken)));
+        assert!(matches!(bearer(&headers(&["Bearer \tabc"])), Err(Denial::MalformedToken)));
+        assert!(matches!(bearer(&headers(&["Bearer abc=x"])), Err(Denial::MalformedToken)));
+        assert_eq!(bearer(&headers(&["DPoP a/b+c~d_e-f.g=="])).unwrap(), "a/b+c~d_e-f.g==");
+        let obs_text = HeaderValue::from_bytes(b"Bearer abc\xe9").unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, obs_text);
+        assert!(matches!(bearer(&h), Err(Denial::MalformedToken)));
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_bytes(b"B\xe9arer abc").unwrap());
+        assert!(matches!(bearer(&h), Err(Denial::MalformedToken)));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Bearer tokens: extraction, JWT verification against JWKS, RFC 7662 introspection, and the one
 //! validation cache both paths share.
 
+pub mod crypto;
 pub mod dpop;
 pub mod extract;
 pub mod introspect;
@@ -162,28 +163,48 @@ pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Hex of the first 8 bytes of SHA-256(token): lets an audit line be matched to a token without holding it.
-pub fn fingerprint(token: &str) -> String {
-    use std::fmt::Write;
-    let d = digest::digest(&digest::SHA256, token.as_bytes());
-    let mut hex = String::with_capacity(16);
-    for b in &d.as_ref()[..8] {
-        let _ = write!(hex, "{b:02x}");
-    }
-    hex
+/// A token as presented, hashed once: the audit fingerprint and the cache key both come from its SHA-256.
+pub struct Presented<'a> {
+    pub raw: &'a str,
+    sha256: [u8; 32],
 }
 
-/// The method is part of the key: a route that introspects JWTs must not be served a local verdict.
-fn cache_key(issuer: &str, method: Method, token: &str) -> [u8; 32] {
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    ctx.update(issuer.as_bytes());
-    ctx.update(&[0]);
-    ctx.update(method.as_str().as_bytes());
-    ctx.update(&[0]);
-    ctx.update(token.as_bytes());
-    let mut key = [0u8; 32];
-    key.copy_from_slice(ctx.finish().as_ref());
-    key
+impl<'a> Presented<'a> {
+    pub fn new(raw: &'a str) -> Self {
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(digest::digest(&digest::SHA256, raw.as_bytes()).as_ref());
+        Presented { raw, sha256 }
+    }
+
+    /// Hex of the first 8 bytes of SHA-256(token): lets an audit line be matched to a token without
+    /// holding it.
+    pub fn fingerprint(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = String::with_capacity(16);
+        for b in &self.sha256[..8] {
+            hex.push(HEX[usize::from(b >> 4)] as char);
+            hex.push(HEX[usize::from(b & 15)] as char);
+        }
+        hex
+    }
+
+    /// The method is part of the key: a route that introspects JWTs must not be served a local verdict.
+    fn cache_key(&self, issuer: &str, method: Method) -> [u8; 32] {
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(issuer.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(method.as_str().as_bytes());
+        ctx.update(&[0]);
+        ctx.update(&self.sha256);
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ctx.finish().as_ref());
+        key
+    }
+}
+
+/// The audit fingerprint of `token` (see [`Presented::fingerprint`]).
+pub fn fingerprint(token: &str) -> String {
+    Presented::new(token).fingerprint()
 }
 
 /// One configured issuer, with the checkers it has.
@@ -228,6 +249,7 @@ struct Peek {
 
 impl Verifier {
     pub async fn new(config: &Config, metrics: &Metrics) -> Result<Verifier, String> {
+        crypto::install();
         let mut issuers = HashMap::new();
         for ic in &config.issuers {
             let issuer = build_issuer(ic, config, metrics).await?;
@@ -286,12 +308,13 @@ impl Verifier {
 
     /// Validates `token` for `route`, through the cache. Residency is not decided here: the caller decides
     /// it on every request, cached or not.
-    pub async fn check(&self, route: &RouteConfig, token: &str) -> Checked {
+    pub async fn check(&self, route: &RouteConfig, presented: &Presented<'_>) -> Checked {
+        let token = presented.raw;
         let (issuer, method) = match self.select(route, token) {
             Ok(x) => x,
             Err(e) => return Ok(Err(e)),
         };
-        let key = cache_key(&issuer.name, method, token);
+        let key = presented.cache_key(&issuer.name, method);
         let leeway = issuer.config.leeway;
         let metrics = &self.metrics;
         let entry = self

@@ -178,6 +178,8 @@ pub struct IdpState {
 }
 
 pub fn rsa_signer(kid: &str) -> Signer {
+    // The binary's jsonwebtoken provider, installed before this process signs its first token.
+    residency_gateway::token::crypto::install();
     let pair = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
     let key = EncodingKey::from_rsa_pem(pair.serialize_pem().as_bytes()).unwrap();
     Signer::from_key(kid, Algorithm::RS256, key).unwrap()
@@ -185,6 +187,7 @@ pub fn rsa_signer(kid: &str) -> Signer {
 
 impl Idp {
     pub async fn start() -> Idp {
+        residency_gateway::token::crypto::install();
         let state = Arc::new(IdpState {
             rsa: rsa_signer("rsa-1"),
             ec: Signer::es256("ec-1").unwrap(),
