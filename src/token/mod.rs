@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 use crate::config::{CacheConfig, Config, IssuerConfig, RegionRules, RouteConfig};
 use crate::metrics::Metrics;
 use crate::policy::{AllowedRegions, regions_from_claim};
+use prometheus::IntCounter;
 
 /// Why a token was not accepted. Every variant is a 401; the description never contains the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,8 +98,8 @@ pub type Checked = Result<Result<Arc<Principal>, TokenError>, Unavailable>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
-    Jwt,
-    Introspection,
+    Jwt = 0,
+    Introspection = 1,
 }
 
 impl Method {
@@ -213,6 +214,9 @@ pub struct Issuer {
     pub name: Arc<str>,
     pub jwt: Option<jwt::JwtVerifier>,
     pub introspection: Option<introspect::Introspector>,
+    /// `token_validations_total` for this issuer, resolved at load: by method (JWT, introspection),
+    /// then by result (valid, invalid, unavailable).
+    validations: [[IntCounter; 3]; 2],
 }
 
 #[derive(Clone)]
@@ -239,7 +243,8 @@ pub struct Verifier {
     issuers: HashMap<String, Arc<Issuer>>,
     cache: moka::future::Cache<[u8; 32], CacheEntry>,
     cache_cfg: CacheConfig,
-    metrics: Metrics,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
 }
 
 #[derive(Deserialize)]
@@ -259,7 +264,14 @@ impl Verifier {
             .max_capacity(config.cache.max_entries)
             .expire_after(EntryTtl)
             .build();
-        Ok(Verifier { issuers, cache, cache_cfg: config.cache.clone(), metrics: metrics.clone() })
+        let cache_counter = |result| metrics.token_cache.with_label_values(&["validation", result]);
+        Ok(Verifier {
+            issuers,
+            cache,
+            cache_cfg: config.cache.clone(),
+            cache_hits: cache_counter("hit"),
+            cache_misses: cache_counter("miss"),
+        })
     }
 
     pub fn issuer(&self, name: &str) -> Option<&Arc<Issuer>> {
@@ -316,7 +328,6 @@ impl Verifier {
         };
         let key = presented.cache_key(&issuer.name, method);
         let leeway = issuer.config.leeway;
-        let metrics = &self.metrics;
         let entry = self
             .cache
             .entry(key)
@@ -331,12 +342,12 @@ impl Verifier {
                         None => Ok(Err(TokenError::UnknownIssuer)),
                     },
                 };
-                let label = match &result {
-                    Ok(Ok(_)) => "valid",
-                    Ok(Err(_)) => "invalid",
-                    Err(_) => "unavailable",
+                let by_result = match &result {
+                    Ok(Ok(_)) => 0,
+                    Ok(Err(_)) => 1,
+                    Err(_) => 2,
                 };
-                metrics.token_validations.with_label_values(&[&issuer.name, method.as_str(), label]).inc();
+                issuer.validations[method as usize][by_result].inc();
                 let result = result?;
                 let ttl = match &result {
                     Ok(p) => {
@@ -354,8 +365,7 @@ impl Verifier {
             Ok(e) => e,
             Err(_) => return Err(Unavailable),
         };
-        let hit = !entry.is_fresh();
-        metrics.token_cache.with_label_values(&["validation", if hit { "hit" } else { "miss" }]).inc();
+        if entry.is_fresh() { &self.cache_misses } else { &self.cache_hits }.inc();
         let result = entry.into_value().result;
         // A cached verdict is only as good as the token's own expiry.
         if let Ok(p) = &result
@@ -387,7 +397,11 @@ async fn build_issuer(ic: &IssuerConfig, config: &Config, metrics: &Metrics) -> 
     let introspection = ic.introspection.as_ref().map(|s| {
         introspect::Introspector::new(&ic, s, name.clone(), regions.clone(), http.clone(), metrics.clone())
     });
-    Ok(Issuer { config: ic, name, jwt, introspection })
+    let validations = [Method::Jwt, Method::Introspection].map(|m| {
+        ["valid", "invalid", "unavailable"]
+            .map(|result| metrics.token_validations.with_label_values(&[&name, m.as_str(), result]))
+    });
+    Ok(Issuer { config: ic, name, jwt, introspection, validations })
 }
 
 /// The client for one issuer's token service: bounded timeouts, the gateway's TLS allowlist, no redirects
