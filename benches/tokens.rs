@@ -29,6 +29,8 @@ fn rsa_signer() -> Signer {
 }
 
 async fn setup() -> Setup {
+    // As the binary does, before the first token is signed or verified.
+    residency_gateway::token::crypto::install();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
     let pki = Pki::new("bench CA").unwrap();

@@ -1,9 +1,9 @@
 //! The crypto provider jsonwebtoken runs on: its own aws-lc-rs provider, except that RSA public keys are
 //! parsed once. jsonwebtoken hands the verifier factory a `DecodingKey` for every token, and its provider
-//! builds the RSA key (and, at the first signature, its Montgomery constants) from `n` and `e` each time:
-//! about a fifth of what a fresh RS256 token costs here. This provider keeps each parsed key, by
-//! algorithm, `n` and `e`, and verifies with it. Parsing, claims and every other algorithm stay
-//! jsonwebtoken's, on aws-lc-rs; the signature check is aws-lc-rs's.
+//! builds the RSA key (and, at its first signature, its Montgomery constants) from `n` and `e` each time:
+//! about a fifth of an RS256 check. This provider keeps each parsed key, by algorithm, `n` and `e`, and
+//! verifies with it. Parsing, claims and every other algorithm stay jsonwebtoken's, on aws-lc-rs; the
+//! signature check is aws-lc-rs's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
