@@ -49,22 +49,15 @@ fn config_body(corp: &Idp, partner: &Idp, up: &Upstream, admin: bool, state: &st
     body.push_str(state);
     body.push('\n');
     for (name, idp) in [("corp", corp), ("partner", partner)] {
-        body.push_str(&format!(
-            "[[issuers]]\nname = \"{name}\"\nissuer = \"{}\"\naudiences = [\"api\"]\njwks_uri = \"{}\"\n\n",
-            idp.issuer(),
-            idp.jwks_uri()
-        ));
+        body.push_str(&support::jwt_issuer_toml(name, idp, ""));
     }
     for (name, prefix, jurisdiction, issuers, mode) in [
-        ("de", "/de", "DE", "\"corp\", \"partner\"", "enforce"),
-        ("usca", "/usca", "US-CA", "\"corp\", \"partner\"", "enforce"),
-        ("mon", "/mon", "BR", "\"corp\"", "monitor"),
+        ("de", "/de", "DE", &["corp", "partner"][..], "enforce"),
+        ("usca", "/usca", "US-CA", &["corp", "partner"][..], "enforce"),
+        ("mon", "/mon", "BR", &["corp"][..], "monitor"),
     ] {
-        body.push_str(&format!(
-            "[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"{}\"\n\
-             jurisdiction = \"{jurisdiction}\"\nissuers = [{issuers}]\nmode = \"{mode}\"\n\n",
-            up.url()
-        ));
+        let mode = format!("mode = \"{mode}\"");
+        body.push_str(&support::route_toml(name, prefix, &up.url(), jurisdiction, issuers, &mode));
     }
     body
 }

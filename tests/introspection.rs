@@ -19,35 +19,32 @@ const BASIC: &str = "Basic Z3ctY2xpZW50OnMzY3IzdA==";
 /// An introspection issuer `partner` (plus `extra` lines in its table), a `[cache]` section, and two
 /// routes on it: `/de` (DE) and `/us` (US-CA).
 fn config(idp: &Idp, up: &Upstream, issuer_extra: &str, cache: &str) -> String {
+    let route = |name, prefix, jurisdiction| {
+        support::route_toml(name, prefix, &up.url(), jurisdiction, &["partner"], "")
+    };
     format!(
-        r#"
-{cache}
+        "{cache}\n\n{}{}{}",
+        introspection_issuer("partner", idp, issuer_extra),
+        route("de", "/de", "DE"),
+        route("us", "/us", "US-CA")
+    )
+}
 
-[[issuers]]
-name = "partner"
-issuer = "{iss}"
-introspection_uri = "http://{addr}/introspect"
-client_id = "{CLIENT_ID}"
-client_secret_file = "secret.txt"
-{issuer_extra}
+/// The lines that make an issuer introspect at `idp` with this file's client credentials.
+fn introspection_lines(idp: &Idp) -> String {
+    format!(
+        "introspection_uri = \"http://{}/introspect\"\nclient_id = \"{CLIENT_ID}\"\n\
+         client_secret_file = \"secret.txt\"\n",
+        idp.addr
+    )
+}
 
-[[routes]]
-name = "de"
-path_prefix = "/de"
-upstream = "{up}"
-jurisdiction = "DE"
-issuers = ["partner"]
-
-[[routes]]
-name = "us"
-path_prefix = "/us"
-upstream = "{up}"
-jurisdiction = "US-CA"
-issuers = ["partner"]
-"#,
-        iss = idp.issuer(),
-        addr = idp.addr,
-        up = up.url(),
+/// A `[[issuers]]` table for an introspection issuer at `idp`; `extra` lines go in the table.
+fn introspection_issuer(name: &str, idp: &Idp, extra: &str) -> String {
+    format!(
+        "[[issuers]]\nname = \"{name}\"\nissuer = \"{}\"\n{}{extra}\n\n",
+        idp.issuer(),
+        introspection_lines(idp)
     )
 }
 
@@ -346,41 +343,17 @@ async fn negative_results_are_cached_only_for_the_negative_ttl() {
 async fn jwt_and_introspection_setup() -> (Gw, Idp, Upstream) {
     let idp = Idp::start().await;
     let up = Upstream::start().await;
-    let body = format!(
-        r#"
-[[issuers]]
-name = "corp"
-issuer = "{iss}"
-audiences = ["api"]
-jwks_uri = "{jwks}"
-
-[[issuers]]
-name = "corp-as"
-issuer = "{iss}"
-introspection_uri = "http://{addr}/introspect"
-client_id = "{CLIENT_ID}"
-client_secret_file = "secret.txt"
-
-[[routes]]
-name = "local"
-path_prefix = "/local"
-upstream = "{up}"
-jurisdiction = "DE"
-issuers = ["corp"]
-
-[[routes]]
-name = "live"
-path_prefix = "/live"
-upstream = "{up}"
-jurisdiction = "DE"
-issuers = ["corp", "corp-as"]
-introspect_jwts = true
-"#,
-        iss = idp.issuer(),
-        jwks = idp.jwks_uri(),
-        addr = idp.addr,
-        up = up.url()
-    );
+    let body = support::jwt_issuer_toml("corp", &idp, "")
+        + &introspection_issuer("corp-as", &idp, "")
+        + &support::route_toml("local", "/local", &up.url(), "DE", &["corp"], "")
+        + &support::route_toml(
+            "live",
+            "/live",
+            &up.url(),
+            "DE",
+            &["corp", "corp-as"],
+            "introspect_jwts = true",
+        );
     let gw = Gw::start_with_files(&body, &[("secret.txt", SECRET)]).await;
     (gw, idp, up)
 }
@@ -417,37 +390,9 @@ async fn a_jwt_on_an_introspect_jwts_route_goes_to_introspection() {
 async fn an_introspect_jwts_route_is_not_served_a_cached_local_jwt_verdict() {
     let idp = Idp::start().await;
     let up = Upstream::start().await;
-    let body = format!(
-        r#"
-[[issuers]]
-name = "corp"
-issuer = "{iss}"
-audiences = ["api"]
-jwks_uri = "{jwks}"
-introspection_uri = "http://{addr}/introspect"
-client_id = "{CLIENT_ID}"
-client_secret_file = "secret.txt"
-
-[[routes]]
-name = "local"
-path_prefix = "/local"
-upstream = "{up}"
-jurisdiction = "DE"
-issuers = ["corp"]
-
-[[routes]]
-name = "live"
-path_prefix = "/live"
-upstream = "{up}"
-jurisdiction = "DE"
-issuers = ["corp"]
-introspect_jwts = true
-"#,
-        iss = idp.issuer(),
-        jwks = idp.jwks_uri(),
-        addr = idp.addr,
-        up = up.url()
-    );
+    let body = support::jwt_issuer_toml("corp", &idp, &introspection_lines(&idp))
+        + &support::route_toml("local", "/local", &up.url(), "DE", &["corp"], "")
+        + &support::route_toml("live", "/live", &up.url(), "DE", &["corp"], "introspect_jwts = true");
     let gw = Gw::start_with_files(&body, &[("secret.txt", SECRET)]).await;
     // Valid by signature, but unknown to (revoked at) the authorization server.
     let jwt = idp.token(json!(["DE"]));
@@ -465,38 +410,14 @@ introspect_jwts = true
 async fn discovery_supplies_the_introspection_endpoint_and_the_jwks_uri() {
     let idp = Idp::start().await;
     let up = Upstream::start().await;
+    let discovery = format!("discovery_url = \"http://{}/.well-known/openid-configuration\"", idp.addr);
     let body = format!(
-        r#"
-[[issuers]]
-name = "as"
-issuer = "{iss}"
-discovery_url = "http://{addr}/.well-known/openid-configuration"
-client_id = "{CLIENT_ID}"
-client_secret_file = "secret.txt"
-
-[[issuers]]
-name = "corp"
-issuer = "{iss}"
-audiences = ["api"]
-discovery_url = "http://{addr}/.well-known/openid-configuration"
-
-[[routes]]
-name = "opaque"
-path_prefix = "/opaque"
-upstream = "{up}"
-jurisdiction = "DE"
-issuers = ["as"]
-
-[[routes]]
-name = "jwt"
-path_prefix = "/jwt"
-upstream = "{up}"
-jurisdiction = "DE"
-issuers = ["corp"]
-"#,
+        "[[issuers]]\nname = \"as\"\nissuer = \"{iss}\"\n{discovery}\nclient_id = \"{CLIENT_ID}\"\n\
+         client_secret_file = \"secret.txt\"\n\n\
+         [[issuers]]\nname = \"corp\"\nissuer = \"{iss}\"\naudiences = [\"api\"]\n{discovery}\n\n{}{}",
+        support::route_toml("opaque", "/opaque", &up.url(), "DE", &["as"], ""),
+        support::route_toml("jwt", "/jwt", &up.url(), "DE", &["corp"], ""),
         iss = idp.issuer(),
-        addr = idp.addr,
-        up = up.url()
     );
     let gw = Gw::start_with_files(&body, &[("secret.txt", SECRET)]).await;
     assert_eq!(idp.state.discovery_hits.load(Ordering::SeqCst), 2, "one metadata fetch per issuer");

@@ -13,26 +13,8 @@ use support::{Gw, Idp, Upstream, rsa_signer};
 
 /// Issuer `corp` on the Idp's JWKS with `extra` lines in its table, and route `/de` (DE) on it.
 fn config(idp: &Idp, up: &Upstream, extra: &str) -> String {
-    format!(
-        r#"
-[[issuers]]
-name = "corp"
-issuer = "{iss}"
-audiences = ["api"]
-jwks_uri = "{jwks}"
-{extra}
-
-[[routes]]
-name = "de"
-path_prefix = "/de"
-upstream = "{up}"
-jurisdiction = "DE"
-issuers = ["corp"]
-"#,
-        iss = idp.issuer(),
-        jwks = idp.jwks_uri(),
-        up = up.url()
-    )
+    support::jwt_issuer_toml("corp", idp, extra)
+        + &support::route_toml("de", "/de", &up.url(), "DE", &["corp"], "")
 }
 
 async fn start(idp: &Idp, up: &Upstream, extra: &str) -> Gw {

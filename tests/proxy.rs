@@ -78,16 +78,9 @@ async fn env(extra: &str) -> Env {
         l.local_addr().unwrap()
     };
     let route = |name: &str, prefix: &str, up: &str| {
-        format!(
-            "[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"{up}\"\n\
-             jurisdiction = \"DE\"\nissuers = [\"corp\"]\nmax_body_bytes = 67108864\n\n"
-        )
+        support::route_toml(name, prefix, up, "DE", &["corp"], "max_body_bytes = 67108864")
     };
-    let mut body = format!(
-        "[[issuers]]\nname = \"corp\"\nissuer = \"{}\"\naudiences = [\"api\"]\njwks_uri = \"{}\"\n\n{extra}\n\n",
-        idp.issuer(),
-        idp.jwks_uri()
-    );
+    let mut body = support::jwt_issuer_toml("corp", &idp, extra);
     for (name, prefix) in [("orders", "/orders"), ("hop", "/hop"), ("big", "/big"), ("slow", "/slow")] {
         body.push_str(&route(name, prefix, &orders.url()));
     }

@@ -709,3 +709,32 @@ impl Gw {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Config tables
+
+/// A `[[issuers]]` table for a JWT issuer: `idp`'s `iss`, audience `api`, its JWKS; `extra` lines go in
+/// the table.
+pub fn jwt_issuer_toml(name: &str, idp: &Idp, extra: &str) -> String {
+    format!(
+        "[[issuers]]\nname = \"{name}\"\nissuer = \"{}\"\naudiences = [\"api\"]\njwks_uri = \"{}\"\n{extra}\n\n",
+        idp.issuer(),
+        idp.jwks_uri()
+    )
+}
+
+/// A `[[routes]]` table; `extra` lines go in the table.
+pub fn route_toml(
+    name: &str,
+    prefix: &str,
+    upstream: &str,
+    jurisdiction: &str,
+    issuers: &[&str],
+    extra: &str,
+) -> String {
+    let issuers = issuers.iter().map(|i| format!("\"{i}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"{upstream}\"\n\
+         jurisdiction = \"{jurisdiction}\"\nissuers = [{issuers}]\n{extra}\n\n"
+    )
+}
