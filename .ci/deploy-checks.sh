@@ -21,7 +21,7 @@ WORK="$(mktemp -d -t deploy-checks.XXXXXX)"
 PIDS="$WORK/pids"
 : >"$PIDS"
 PY=(python3 deploy/checks/deploy_checks.py)
-BIN=target/debug/residency-gateway
+BIN=$(realpath -m "${CARGO_TARGET_DIR:-target}/debug/residency-gateway")
 PROBE=target/deploy-healthcheck/debug/residency-gateway-healthcheck
 # Kubernetes versions the manifests must be valid for: the oldest with the preStop sleep action
 # enabled by default, and the newest kubernetes-validate bundles.
@@ -250,7 +250,7 @@ check_systemd() {
   fi
   # verify wants ExecStart's binary to exist: the same unit with the freshly built binary's path.
   mkdir -p "$WORK/unit"
-  sed "s#/usr/local/bin/residency-gateway#$PWD/$BIN#g" deploy/systemd/residency-gateway.service \
+  sed "s#/usr/local/bin/residency-gateway#$BIN#g" deploy/systemd/residency-gateway.service \
     >"$WORK/unit/residency-gateway.service"
   timeout 60 systemd-analyze verify "$WORK/unit/residency-gateway.service"
   echo "systemd-analyze verify: no findings (ExecStart/ExecReload pointed at $BIN)"

@@ -29,7 +29,7 @@ fi
 TESTSSL=$(command -v testssl || command -v testssl.sh)
 
 cargo build --quiet --bin residency-gateway
-BIN=target/debug/residency-gateway
+BIN=${CARGO_TARGET_DIR:-target}/debug/residency-gateway
 
 work=$(mktemp -d)
 gw_pid=""
