@@ -1,11 +1,11 @@
 //! The crypto provider jsonwebtoken runs on: its own aws-lc-rs provider, except that RSA public keys are
 //! parsed once. jsonwebtoken hands the verifier factory a `DecodingKey` for every token, and its provider
 //! builds the RSA key (and, at its first signature, its Montgomery constants) from `n` and `e` each time:
-//! about a fifth of an RS256 check. This provider keeps each parsed key, by algorithm, `n` and `e`, and
-//! verifies with it. Parsing, claims and every other algorithm stay jsonwebtoken's, on aws-lc-rs; the
-//! signature check is aws-lc-rs's.
+//! about a fifth of an RS256 check. This provider verifies with keys parsed once when an issuer's key set
+//! is loaded ([`keep`]); any other key (a DPoP proof's own) goes to jsonwebtoken's verifier as before.
+//! Parsing, claims and every other algorithm stay jsonwebtoken's, on aws-lc-rs; the signature check is
+//! aws-lc-rs's.
 
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use arc_swap::ArcSwap;
@@ -35,13 +35,24 @@ pub fn install() {
     let _ = PROVIDER.install_default();
 }
 
-/// What the key set keeps in the cache: a few keys per issuer. Past this (an issuer rotating keys very
-/// often), the cache starts again empty rather than grow.
-const MAX_KEYS: usize = 256;
+/// How many parsed keys are kept: issuers publish a few keys each. Past this (keys rotated very often),
+/// the list starts again empty rather than grow.
+const MAX_KEYS: usize = 64;
 
-type KeyId = (Algorithm, Vec<u8>, Vec<u8>);
+#[derive(Clone)]
+struct Parsed {
+    alg: Algorithm,
+    n: Vec<u8>,
+    e: Vec<u8>,
+    key: Arc<ParsedPublicKey>,
+}
 
-static PARSED: LazyLock<ArcSwap<HashMap<KeyId, Arc<ParsedPublicKey>>>> = LazyLock::new(Default::default);
+/// A short list, searched without allocating or hashing the modulus; swapped whole when a key is added.
+static PARSED: LazyLock<ArcSwap<Vec<Parsed>>> = LazyLock::new(Default::default);
+
+fn cached(alg: Algorithm, n: &[u8], e: &[u8]) -> Option<Arc<ParsedPublicKey>> {
+    PARSED.load().iter().find(|p| p.alg == alg && p.e == e && p.n == n).map(|p| p.key.clone())
+}
 
 fn rsa_parameters(alg: Algorithm) -> Option<&'static RsaParameters> {
     // The same parameters as jsonwebtoken's aws-lc-rs verifiers: keys of 2048 to 8192 bits.
@@ -57,31 +68,44 @@ fn rsa_parameters(alg: Algorithm) -> Option<&'static RsaParameters> {
 }
 
 fn verifier(alg: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>, Error> {
-    let (Some(params), DecodingKeyKind::RsaModulusExponent { n, e }) = (rsa_parameters(*alg), key.kind())
-    else {
+    let (Some(_), DecodingKeyKind::RsaModulusExponent { n, e }) = (rsa_parameters(*alg), key.kind()) else {
         return (aws_lc::DEFAULT_PROVIDER.verifier_factory)(alg, key);
     };
     if key.family() != AlgorithmFamily::Rsa {
         return Err(ErrorKind::InvalidKeyFormat.into());
     }
-    let id = (*alg, n.clone(), e.clone());
-    let parsed = match PARSED.load().get(&id) {
-        Some(k) => k.clone(),
-        None => {
-            let parsed = Arc::new(
-                RsaPublicKeyComponents { n: &n[..], e: &e[..] }
-                    .to_parsed_public_key(params)
-                    .map_err(|e| ErrorKind::InvalidRsaKey(e.to_string()))?,
-            );
-            PARSED.rcu(|map| {
-                let mut map = if map.len() >= MAX_KEYS { HashMap::new() } else { HashMap::clone(map) };
-                map.insert(id.clone(), parsed.clone());
-                map
-            });
-            parsed
-        }
+    match cached(*alg, n, e) {
+        Some(key) => Ok(Box::new(ParsedRsa { alg: *alg, key })),
+        // Not from an issuer's key set (a DPoP proof's own key, say): parsed for this signature only, so
+        // keys a client makes up never enter the list.
+        None => (aws_lc::DEFAULT_PROVIDER.verifier_factory)(alg, key),
+    }
+}
+
+/// Parses `key` once for each RSA algorithm in `algorithms`, for the verifications to come. Called for
+/// the keys of an issuer's key set, as it is loaded.
+pub(crate) fn keep(key: &DecodingKey, algorithms: &[Algorithm]) {
+    let DecodingKeyKind::RsaModulusExponent { n, e } = key.kind() else {
+        return;
     };
-    Ok(Box::new(ParsedRsa { alg: *alg, key: parsed }))
+    for &alg in algorithms {
+        let Some(params) = rsa_parameters(alg) else { continue };
+        if cached(alg, n, e).is_some() {
+            continue;
+        }
+        // A key aws-lc-rs refuses stays out; jsonwebtoken's own verifier then refuses its tokens.
+        let Ok(parsed) = (RsaPublicKeyComponents { n: &n[..], e: &e[..] }).to_parsed_public_key(params)
+        else {
+            continue;
+        };
+        let parsed = Arc::new(parsed);
+        PARSED.rcu(|list| {
+            let keep = if list.len() >= MAX_KEYS { &[][..] } else { &list[..] };
+            let mut list = keep.to_vec();
+            list.push(Parsed { alg, n: n.clone(), e: e.clone(), key: parsed.clone() });
+            list
+        });
+    }
 }
 
 struct ParsedRsa {
@@ -130,7 +154,9 @@ mod tests {
     #[test]
     fn parsed_keys_verify_what_jsonwebtoken_verifies() {
         let (enc, dec) = rsa_key();
-        let (_, other) = rsa_key();
+        let (other_enc, other) = rsa_key();
+        let all = [Algorithm::RS256, Algorithm::RS384, Algorithm::RS512, Algorithm::PS256, Algorithm::PS512];
+        keep(&dec, &all);
         let claims = json!({"sub": "a", "exp": 4_000_000_000u64});
         for alg in [Algorithm::RS256, Algorithm::RS384, Algorithm::RS512, Algorithm::PS256, Algorithm::PS512]
         {
@@ -139,7 +165,7 @@ mod tests {
             assert!(check(alg, &token, &dec), "{alg:?}");
             assert!(check(alg, &token, &dec), "{alg:?} (cached key)");
             let DecodingKeyKind::RsaModulusExponent { n, e } = dec.kind() else { unreachable!() };
-            assert!(PARSED.load().contains_key(&(alg, n.clone(), e.clone())), "{alg:?} key not kept");
+            assert!(cached(alg, n, e).is_some(), "{alg:?} key not kept");
             assert!(!check(alg, &token, &other), "{alg:?} verified with another key");
             let mut tampered = token.clone().into_bytes();
             let at = token.find('.').unwrap() + 3;
@@ -153,6 +179,11 @@ mod tests {
             };
             assert!(!check(swapped, &token, &dec), "{alg:?} accepted as {swapped:?}");
         }
+        // A key that was not kept is verified by jsonwebtoken's own verifier, and stays out of the list.
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &other_enc).unwrap();
+        assert!(check(Algorithm::RS256, &token, &other));
+        let DecodingKeyKind::RsaModulusExponent { n, e } = other.kind() else { unreachable!() };
+        assert!(cached(Algorithm::RS256, n, e).is_none(), "a key nobody kept entered the list");
         // Through jsonwebtoken itself, with the same outcome.
         let token = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &enc).unwrap();
         let mut v = Validation::new(Algorithm::RS256);
@@ -165,6 +196,8 @@ mod tests {
     fn small_rsa_keys_are_refused_and_other_families_passed_on() {
         // A 1024-bit modulus: outside the 2048..=8192 bits jsonwebtoken's provider accepts.
         let small = DecodingKey::from_rsa_raw_components(&[0xc5u8; 128], &[1, 0, 1]);
+        // Kept or not (the size is checked at each verification), it verifies nothing.
+        keep(&small, &[Algorithm::RS256]);
         let verified =
             verifier(&Algorithm::RS256, &small).is_ok_and(|v| v.verify(b"x.y", &vec![7u8; 128]).is_ok());
         assert!(!verified);

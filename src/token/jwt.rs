@@ -182,7 +182,11 @@ impl JwtVerifier {
         };
         for value in raw.keys {
             let kid = value.get("kid").and_then(Value::as_str).map(str::to_string);
-            match usable_key(&value, &self.settings.algorithms) {
+            let usable = usable_key(&value, &self.settings.algorithms);
+            if let Ok(key) = &usable {
+                super::crypto::keep(&key.decoding, &key.algorithms);
+            }
+            match usable {
                 Ok(key) => match kid {
                     Some(k) => {
                         set.by_kid.insert(k, Arc::new(key));
