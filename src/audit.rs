@@ -6,7 +6,7 @@
 use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::time::Duration;
 
 use tracing::field::{Field, Visit};
@@ -19,7 +19,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::route::Route;
-use crate::token::Principal;
+use crate::token::{Fingerprint, Principal};
 
 /// What one request led to, filled in as the pipeline learns it.
 #[derive(Default)]
@@ -30,7 +30,7 @@ pub struct Record {
     pub uri: http::Uri,
     /// The route the request matched; the line names it, its jurisdiction, data class and mode.
     pub route: Option<Arc<Route>>,
-    pub fingerprint: Option<String>,
+    pub fingerprint: Option<Fingerprint>,
     pub principal: Option<Arc<Principal>>,
     /// Set on monitor-mode routes when the request was forwarded but would have been blocked.
     pub would_block: Option<&'static str>,
@@ -58,7 +58,7 @@ impl Record {
             issuer = p.map(|p| &*p.issuer),
             subject = p.and_then(|p| p.sub.as_deref()),
             client_id = p.and_then(|p| p.client_id.as_deref()),
-            token_fingerprint = self.fingerprint.as_deref(),
+            token_fingerprint = self.fingerprint.as_ref().map(Fingerprint::as_str),
             allowed_regions = regions.as_deref(),
         );
     }
@@ -158,7 +158,6 @@ enum Msg {
 /// A bounded queue of lines and the thread that writes them. Senders never wait and never wake the
 /// writer while it is busy: it drains the queue, writes the batch in one call, and sleeps `interval`
 /// before looking again; only when a look finds nothing does it block until the next line.
-#[derive(Clone)]
 pub struct Batched {
     tx: SyncSender<Msg>,
 }
@@ -202,38 +201,23 @@ impl Drop for Guard {
 
 fn write_batches(rx: &Receiver<Msg>, out: &mut dyn std::io::Write, interval: Duration) {
     let mut batch = Vec::with_capacity(64 * 1024);
-    let mut acks = Vec::new();
-    // Idle: parked until a message comes.
+    // Idle: parked until a message comes. Busy: everything queued is written at once, then lines gather
+    // for `interval` instead of each one waking this thread, until a look finds nothing.
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
-        loop {
-            let mut open = true;
-            while let Some(m) = next.take() {
+        while let Some(first) = next {
+            let mut acks = Vec::new();
+            for m in std::iter::once(first).chain(rx.try_iter()) {
                 match m {
                     Msg::Line(l) => batch.extend_from_slice(&l),
                     Msg::Flush(ack) => acks.push(ack),
                 }
-                next = match rx.try_recv() {
-                    Ok(m) => Some(m),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => {
-                        open = false;
-                        None
-                    }
-                };
-            }
-            if batch.is_empty() && acks.is_empty() {
-                break;
             }
             let _ = out.write_all(&batch).and_then(|()| out.flush());
             batch.clear();
-            for ack in acks.drain(..) {
+            for ack in acks {
                 let _ = ack.send(());
             }
-            if !open {
-                return;
-            }
-            // Busy: lines gather for `interval` instead of each one waking this thread.
             std::thread::sleep(interval);
             next = rx.try_recv().ok();
         }

@@ -41,19 +41,19 @@ pub async fn handle(
         ..Record::default()
     };
     let result = handle_inner(&rt, &gw, &conn, req, &mut rec).await;
-    let route = rec.route.clone();
+    let route = rec.route.as_ref();
 
     let (mut resp, outcome, reason) = match result {
         Ok(resp) => (resp, Outcome::Forwarded, rec.would_block.unwrap_or("allowed")),
         Err(denial) => {
-            let jurisdiction = route.as_ref().map(|r| r.config.jurisdiction);
+            let jurisdiction = route.map(|r| r.config.jurisdiction);
             let resp = denial.respond(
                 &gw.config.server.realm,
                 gw.dpop.algs(),
-                route.as_ref().map(|r| r.config.name.as_str()),
+                route.map(|r| r.config.name.as_str()),
                 jurisdiction.as_ref(),
             );
-            if let (Denial::Residency { .. }, Some(r)) = (&denial, &route) {
+            if let (Denial::Residency { .. }, Some(r)) = (&denial, route) {
                 let c = &r.config;
                 rt.metrics.transfer_blocked(
                     &c.name,
@@ -66,7 +66,7 @@ pub async fn handle(
             (resp, denial.outcome(), denial.reason().as_str())
         }
     };
-    match &route {
+    match route {
         Some(r) => {
             r.metrics.outcome(outcome).inc();
             r.metrics.duration.observe(start.elapsed().as_secs_f64());

@@ -179,14 +179,14 @@ impl<'a> Presented<'a> {
 
     /// Hex of the first 8 bytes of SHA-256(token): lets an audit line be matched to a token without
     /// holding it.
-    pub fn fingerprint(&self) -> String {
+    pub fn fingerprint(&self) -> Fingerprint {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut hex = String::with_capacity(16);
-        for b in &self.sha256[..8] {
-            hex.push(HEX[usize::from(b >> 4)] as char);
-            hex.push(HEX[usize::from(b & 15)] as char);
+        let mut hex = [0u8; 16];
+        for (i, b) in self.sha256[..8].iter().enumerate() {
+            hex[2 * i] = HEX[usize::from(b >> 4)];
+            hex[2 * i + 1] = HEX[usize::from(b & 15)];
         }
-        hex
+        Fingerprint(hex)
     }
 
     /// The method is part of the key: a route that introspects JWTs must not be served a local verdict.
@@ -203,9 +203,20 @@ impl<'a> Presented<'a> {
     }
 }
 
+/// A token fingerprint: 16 lowercase hex digits, held inline.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint([u8; 16]);
+
+impl Fingerprint {
+    pub fn as_str(&self) -> &str {
+        // Only hex digits are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or("????????????????")
+    }
+}
+
 /// The audit fingerprint of `token` (see [`Presented::fingerprint`]).
 pub fn fingerprint(token: &str) -> String {
-    Presented::new(token).fingerprint()
+    Presented::new(token).fingerprint().as_str().to_string()
 }
 
 /// One configured issuer, with the checkers it has.
