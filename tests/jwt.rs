@@ -344,7 +344,38 @@ async fn rs256_and_es256_tokens_are_forwarded() {
     assert_eq!((status, reason.as_str()), (200, ""));
     let (status, reason) = gw.status("/orders/2", Some(&idp.rs256(&claims))).await;
     assert_eq!((status, reason.as_str()), (200, ""));
-    assert_eq!(up.hits(), 2);
+    // Back to the first header (the verifier remembers only the last one it parsed).
+    let mut other = claims.clone();
+    other["jti"] = json!("second-es256");
+    let (status, reason) = gw.status("/orders/3", Some(&idp.es256(&other))).await;
+    assert_eq!((status, reason.as_str()), (200, ""));
+    assert_eq!(up.hits(), 3);
+    gw.shutdown().await;
+}
+
+/// A JWT verdict is cached from the second use of its token: a token seen once is verified and not
+/// stored, the second use stores it, the third is served from the cache.
+#[tokio::test]
+async fn a_jwt_is_cached_from_its_second_use() {
+    let (gw, idp, up) = setup("").await;
+    let valid = r#"residency_gateway_token_validations_total{issuer="corp",method="jwt",result="valid"}"#;
+    let cache = |r: &str| {
+        format!(r#"residency_gateway_token_cache_requests_total{{cache="validation",result="{r}"}}"#)
+    };
+    let once = idp.token(json!(["DE"]));
+    let reused = idp.token(json!(["DE"]));
+    assert_ne!(once, reused);
+    assert_eq!(gw.status("/orders/1", Some(&once)).await.0, 200);
+    for expected in [1.0, 2.0, 2.0, 2.0] {
+        assert_eq!(gw.status("/orders/1", Some(&reused)).await.0, 200);
+        assert_eq!(gw.metric(valid).await, 1.0 + expected, "validations after a use of the reused token");
+    }
+    assert_eq!(gw.metric(&cache("miss")).await, 3.0);
+    assert_eq!(gw.metric(&cache("hit")).await, 2.0);
+    // The token used once was not stored: its next use is verified again (and now stored).
+    assert_eq!(gw.status("/orders/1", Some(&once)).await.0, 200);
+    assert_eq!(gw.metric(valid).await, 4.0);
+    assert_eq!(up.hits(), 6);
     gw.shutdown().await;
 }
 

@@ -57,6 +57,14 @@ pub struct JwtVerifier {
     fetch_lock: Mutex<Option<Instant>>,
     /// Failed fetches in a row: the scheduled refresh backs off instead of retrying at once.
     failures: AtomicU32,
+    last_header: ArcSwapOption<SeenHeader>,
+}
+
+/// A JWS header that parsed and is acceptable, with its encoding.
+struct SeenHeader {
+    encoded: Box<str>,
+    alg: Algorithm,
+    kid: Option<String>,
 }
 
 impl JwtVerifier {
@@ -95,6 +103,7 @@ impl JwtVerifier {
             keys: ArcSwapOption::empty(),
             fetch_lock: Mutex::new(None),
             failures: AtomicU32::new(0),
+            last_header: ArcSwapOption::empty(),
         })
     }
 
@@ -245,15 +254,30 @@ impl JwtVerifier {
         }
     }
 
-    pub async fn verify(&self, token: &str) -> Checked {
-        let header = match jsonwebtoken::decode_header(token) {
-            Ok(h) => h,
-            Err(_) => return Ok(Err(TokenError::Malformed)),
-        };
+    /// The `alg` and `kid` of `token`'s header. An issuer signs every token with the same few header
+    /// bytes, so the last header parsed is remembered by its exact encoding and not parsed again.
+    fn header(&self, token: &str) -> Result<Arc<SeenHeader>, TokenError> {
+        let encoded = token.split_once('.').map_or(token, |(h, _)| h);
+        if let Some(seen) = self.last_header.load_full()
+            && *seen.encoded == *encoded
+        {
+            return Ok(seen);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         // RFC 7515 §4.1.11: an extension marked critical must be understood, and none is here.
         if header.crit.is_some() {
-            return Ok(Err(TokenError::Malformed));
+            return Err(TokenError::Malformed);
         }
+        let seen = Arc::new(SeenHeader { encoded: encoded.into(), alg: header.alg, kid: header.kid });
+        self.last_header.store(Some(seen.clone()));
+        Ok(seen)
+    }
+
+    pub async fn verify(&self, token: &str) -> Checked {
+        let header = match self.header(token) {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e)),
+        };
         let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == header.alg) else {
             return Ok(Err(TokenError::Algorithm));
         };

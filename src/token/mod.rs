@@ -9,6 +9,7 @@ pub mod jwt;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest;
@@ -256,6 +257,7 @@ pub struct Verifier {
     cache_cfg: CacheConfig,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
+    doorkeeper: Doorkeeper,
 }
 
 #[derive(Deserialize)]
@@ -282,6 +284,7 @@ impl Verifier {
             cache_cfg: config.cache.clone(),
             cache_hits: cache_counter("hit"),
             cache_misses: cache_counter("miss"),
+            doorkeeper: Doorkeeper::new(config.cache.max_entries),
         })
     }
 
@@ -331,6 +334,10 @@ impl Verifier {
 
     /// Validates `token` for `route`, through the cache. Residency is not decided here: the caller decides
     /// it on every request, cached or not.
+    ///
+    /// Introspection verdicts are cached at once, and concurrent requests with the same new token share
+    /// one call. A JWT verdict costs only local CPU, so it is cached the second time its token is seen
+    /// (see [`Doorkeeper`]): a token used once never enters the cache nor pushes another out.
     pub async fn check(&self, route: &RouteConfig, presented: &Presented<'_>) -> Checked {
         let token = presented.raw;
         let (issuer, method) = match self.select(route, token) {
@@ -338,53 +345,104 @@ impl Verifier {
             Err(e) => return Ok(Err(e)),
         };
         let key = presented.cache_key(&issuer.name, method);
-        let leeway = issuer.config.leeway;
-        let entry = self
-            .cache
-            .entry(key)
-            .or_try_insert_with(async {
-                let result = match method {
-                    Method::Jwt => match &issuer.jwt {
-                        Some(j) => j.verify(token).await,
-                        None => Ok(Err(TokenError::UnknownIssuer)),
-                    },
-                    Method::Introspection => match &issuer.introspection {
-                        Some(i) => i.introspect(token).await,
-                        None => Ok(Err(TokenError::UnknownIssuer)),
-                    },
-                };
-                let by_result = match &result {
-                    Ok(Ok(_)) => 0,
-                    Ok(Err(_)) => 1,
-                    Err(_) => 2,
-                };
-                issuer.validations[method as usize][by_result].inc();
-                let result = result?;
-                let ttl = match &result {
-                    Ok(p) => {
-                        let until_exp = p.exp.map_or(self.cache_cfg.max_ttl, |e| {
-                            Duration::from_secs((e + leeway).saturating_sub(now_secs()))
-                        });
-                        until_exp.min(self.cache_cfg.max_ttl)
+        let entry = match method {
+            Method::Jwt => match self.cache.get(&key).await {
+                Some(entry) => {
+                    self.cache_hits.inc();
+                    entry
+                }
+                None => {
+                    self.cache_misses.inc();
+                    let entry = self.validate(issuer, method, token).await?;
+                    if self.doorkeeper.seen_before(&key) {
+                        self.cache.insert(key, entry.clone()).await;
                     }
-                    Err(_) => self.cache_cfg.negative_ttl,
-                };
-                Ok::<_, Unavailable>(CacheEntry { result, ttl })
-            })
-            .await;
-        let entry = match entry {
-            Ok(e) => e,
-            Err(_) => return Err(Unavailable),
+                    entry
+                }
+            },
+            Method::Introspection => {
+                let entry =
+                    self.cache.entry(key).or_try_insert_with(self.validate(issuer, method, token)).await;
+                let entry = entry.map_err(|_| Unavailable)?;
+                if entry.is_fresh() { &self.cache_misses } else { &self.cache_hits }.inc();
+                entry.into_value()
+            }
         };
-        if entry.is_fresh() { &self.cache_misses } else { &self.cache_hits }.inc();
-        let result = entry.into_value().result;
+        let result = entry.result;
         // A cached verdict is only as good as the token's own expiry.
         if let Ok(p) = &result
-            && p.exp.is_some_and(|e| e + leeway <= now_secs())
+            && p.exp.is_some_and(|e| e + issuer.config.leeway <= now_secs())
         {
             return Ok(Err(TokenError::Expired));
         }
         Ok(result)
+    }
+
+    /// One check by the issuer's own method, counted; the verdict with how long it may be cached.
+    async fn validate(
+        &self,
+        issuer: &Issuer,
+        method: Method,
+        token: &str,
+    ) -> Result<CacheEntry, Unavailable> {
+        let result = match (method, &issuer.jwt, &issuer.introspection) {
+            (Method::Jwt, Some(j), _) => j.verify(token).await,
+            (Method::Introspection, _, Some(i)) => i.introspect(token).await,
+            _ => Ok(Err(TokenError::UnknownIssuer)),
+        };
+        let by_result = match &result {
+            Ok(Ok(_)) => 0,
+            Ok(Err(_)) => 1,
+            Err(_) => 2,
+        };
+        issuer.validations[method as usize][by_result].inc();
+        let result = result?;
+        let ttl = match &result {
+            Ok(p) => {
+                let until_exp = p.exp.map_or(self.cache_cfg.max_ttl, |e| {
+                    Duration::from_secs((e + issuer.config.leeway).saturating_sub(now_secs()))
+                });
+                until_exp.min(self.cache_cfg.max_ttl)
+            }
+            Err(_) => self.cache_cfg.negative_ttl,
+        };
+        Ok(CacheEntry { result, ttl })
+    }
+}
+
+/// Cache admission for JWT verdicts: a one-hash Bloom filter over cache keys that answers "seen
+/// before?". Under a stream of tokens each used once (or a flood of junk), the cache is neither filled
+/// nor churned; a token used twice is cached from its second request. Sized from `max_entries` (8 bits
+/// per entry, 8 KiB to 2 MiB) and cleared once a sixteenth of its bits are set, so a false "seen" (which
+/// only caches a token early) stays under about 6 %, and a token is admitted when its second use comes
+/// within roughly the last `max_entries / 2` new tokens.
+struct Doorkeeper {
+    words: Box<[AtomicU64]>,
+    marked: AtomicUsize,
+}
+
+impl Doorkeeper {
+    fn new(max_entries: u64) -> Doorkeeper {
+        let bits = usize::try_from(max_entries.saturating_mul(8)).unwrap_or(usize::MAX);
+        let bits = bits.clamp(1 << 16, 1 << 24).next_power_of_two();
+        Doorkeeper { words: (0..bits / 64).map(|_| AtomicU64::new(0)).collect(), marked: AtomicUsize::new(0) }
+    }
+
+    /// Marks `key` (a SHA-256 digest, so any 8 of its bytes are uniform) and says whether it was marked.
+    fn seen_before(&self, key: &[u8; 32]) -> bool {
+        let [.., a, b, c, d, e, f, g, h] = *key;
+        let bit = u64::from_le_bytes([a, b, c, d, e, f, g, h]) as usize & (self.words.len() * 64 - 1);
+        let mask = 1u64 << (bit % 64);
+        if self.words[bit / 64].fetch_or(mask, Ordering::Relaxed) & mask != 0 {
+            return true;
+        }
+        if self.marked.fetch_add(1, Ordering::Relaxed) + 1 >= self.words.len() * 4 {
+            for w in self.words.iter() {
+                w.store(0, Ordering::Relaxed);
+            }
+            self.marked.store(0, Ordering::Relaxed);
+        }
+        false
     }
 }
 
@@ -467,4 +525,36 @@ async fn discover(ic: &mut IssuerConfig, url: &str, http: &reqwest::Client) -> R
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> [u8; 32] {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(digest::digest(&digest::SHA256, &i.to_le_bytes()).as_ref());
+        k
+    }
+
+    #[test]
+    fn doorkeeper_admits_the_second_sight_and_forgets_after_a_sixteenth_fills() {
+        let d = Doorkeeper::new(0);
+        assert_eq!(d.words.len() * 64, 1 << 16, "the smallest filter");
+        assert!(!d.seen_before(&key(0)));
+        assert!(d.seen_before(&key(0)));
+        // Distinct keys mostly read as new; a false "seen" only admits a token early.
+        let early = (1..2000).filter(|&i| d.seen_before(&key(i))).count();
+        assert!(early < 100, "{early} of 1999 new keys read as seen");
+        // Marking a sixteenth of the bits clears the filter: what was marked is new again.
+        let mut i = 2000;
+        while d.marked.load(Ordering::Relaxed) != 0 {
+            d.seen_before(&key(i));
+            i += 1;
+        }
+        assert!((4096..4400).contains(&i), "cleared after {i} keys");
+        assert!(!d.seen_before(&key(0)), "forgotten");
+        assert_eq!(Doorkeeper::new(221_000).words.len() * 64, 1 << 21, "8 bits an entry, a power of two");
+        assert_eq!(Doorkeeper::new(u64::MAX).words.len() * 64, 1 << 24, "at most 2 MiB");
+    }
 }
