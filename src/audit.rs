@@ -12,8 +12,6 @@ use std::time::Duration;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::filter::{LevelFilter, Targets};
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -88,12 +86,10 @@ impl<S: LineSink> AuditLayer<S> {
 
 impl<S: LineSink, C: Subscriber> Layer<C> for AuditLayer<S> {
     fn on_event(&self, event: &Event<'_>, _: Context<'_, C>) {
-        let mut time = String::with_capacity(32);
-        let _ = SystemTime.format_time(&mut Writer::new(&mut time));
         let mut line = Vec::with_capacity(512);
-        line.extend_from_slice(b"{\"timestamp\":");
-        json_str(&mut line, &time);
-        line.extend_from_slice(b",\"level\":");
+        line.extend_from_slice(b"{\"timestamp\":\"");
+        rfc3339_micros(&mut line, std::time::SystemTime::now());
+        line.extend_from_slice(b"\",\"level\":");
         json_str(&mut line, event.metadata().level().as_str());
         line.extend_from_slice(b",\"target\":");
         json_str(&mut line, event.metadata().target());
@@ -137,9 +133,44 @@ impl Visit for Fields<'_> {
     }
 }
 
-/// A JSON string, escaped by serde_json.
+/// A JSON string. Most values (names, paths, ids) need no escaping and are copied as they are; anything
+/// with a quote, a backslash or a control character is escaped by serde_json.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    let _ = serde_json::to_writer(out, s);
+    // A fold, not `any`: no early exit, so the compiler checks many bytes at a time.
+    if !s.bytes().fold(false, |esc, b| esc | (b < 0x20) | (b == b'"') | (b == b'\\')) {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(out, s);
+    }
+}
+
+/// `t` as RFC 3339 UTC with microseconds, `2026-12-03T19:46:01.123456Z` (times before 1970 as 1970).
+fn rfc3339_micros(out: &mut Vec<u8>, t: std::time::SystemTime) {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to a proleptic Gregorian date, counted in 400-year eras from 0000-03-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let micros = u64::from(since.subsec_micros());
+    let (h, m, sec) = (rem / 3600, rem / 60 % 60, rem % 60);
+    let fields =
+        [(year, 4, b'-'), (month, 2, b'-'), (day, 2, b'T'), (h, 2, b':'), (m, 2, b':'), (sec, 2, b'.')];
+    for (n, width, sep) in fields.into_iter().chain([(micros, 6, b'Z')]) {
+        for i in (0..width).rev() {
+            out.push(b'0' + (n / 10u64.pow(i) % 10) as u8);
+        }
+        out.push(sep);
+    }
 }
 
 /// Lines dropped because the queue was full (the writer could not keep up with stdout).
@@ -295,6 +326,34 @@ mod tests {
         assert!(l.get("missing").is_none(), "an absent value is left out: {l}");
         assert_eq!(lines[1]["decision"], "admin");
         assert_eq!(lines[1]["entry"], "DE");
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_microseconds() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let cases = [
+            (0, 0, "1970-01-01T00:00:00.000000Z"),
+            (951_782_400, 123_456, "2000-02-29T00:00:00.123456Z"),
+            (951_868_799, 999_999, "2000-02-29T23:59:59.999999Z"),
+            (1_709_251_199, 1, "2024-02-29T23:59:59.000001Z"),
+            (1_796_325_448, 42_000, "2026-12-03T19:17:28.042000Z"),
+            (4_107_542_400, 0, "2100-03-01T00:00:00.000000Z"),
+            (253_402_300_799, 0, "9999-12-31T23:59:59.000000Z"),
+        ];
+        for (secs, micros, want) in cases {
+            let mut out = Vec::new();
+            rfc3339_micros(&mut out, UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros));
+            assert_eq!(String::from_utf8(out).unwrap(), want, "{secs}");
+        }
+    }
+
+    #[test]
+    fn strings_that_need_no_escaping_are_copied_and_the_rest_escaped() {
+        for s in ["", "/orders/1", "caf\u{e9}", "a b~\u{7f}", "\"", "\\", "a\nb", "\u{1}", "\u{1f}x"] {
+            let mut out = Vec::new();
+            json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]

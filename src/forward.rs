@@ -1,7 +1,6 @@
 //! The upstream client (pooled, HTTP/1.1 and HTTP/2, rustls with the gateway's allowlist) and the
 //! header rewriting around it: hop-by-hop stripping both ways and X-Forwarded-* set by the gateway only.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -15,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::Body;
 use crate::config::{Config, IpNet, UpstreamConfig};
 use crate::deny::Denial;
+use crate::pipeline::ConnInfo;
 use crate::route::Route;
 
 pub struct Forwarder {
@@ -59,7 +59,7 @@ impl Forwarder {
         &self,
         route: &Route,
         mut req: Request<Body>,
-        peer: SocketAddr,
+        conn: &ConnInfo,
         request_id: &str,
     ) -> Result<Response<Body>, Denial> {
         let upstream = &route.config.upstream;
@@ -68,19 +68,15 @@ impl Forwarder {
         *req.version_mut() = http::Version::HTTP_11;
         let upgrade = upgrade_protocol(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-        let trusted = self.trusted_proxies.iter().any(|n| n.contains(peer.ip()));
+        let trusted = self.trusted_proxies.iter().any(|n| n.contains(conn.peer.ip()));
         let headers = req.headers_mut();
         // Only the chain a trusted proxy vouches for is kept; from anyone else it is replaced.
-        let chain = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let chain = if trusted && !chain.is_empty() {
-            format!("{chain}, {}", peer.ip())
+        let chain = if trusted && headers.contains_key(&X_FORWARDED_FOR) {
+            let chain = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok());
+            let chain = chain.chain(conn.peer_ip.to_str().ok()).collect::<Vec<_>>().join(", ");
+            HeaderValue::from_str(&chain).ok()
         } else {
-            peer.ip().to_string()
+            Some(conn.peer_ip.clone())
         };
         strip_hop_by_hop(headers);
         // `Expect` was answered at this hop (hyper sends `100 Continue` once the body is read).
@@ -89,7 +85,7 @@ impl Forwarder {
         for h in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &FORWARDED, &X_REQUEST_ID] {
             headers.remove(h);
         }
-        if let Ok(v) = HeaderValue::from_str(&chain) {
+        if let Some(v) = chain {
             headers.insert(&X_FORWARDED_FOR, v);
         }
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));

@@ -155,7 +155,7 @@ async fn handle_inner(
     let req = req.map(|b| {
         GuardedBody::new(b, rc.max_body_bytes, limits.body_idle_timeout, tripped.clone()).boxed_unsync()
     });
-    let result = gw.forwarder.forward(&route, req, conn.peer, &rec.request_id).await;
+    let result = gw.forwarder.forward(&route, req, conn, &rec.request_id).await;
     // A body cut off by a limit makes the upstream request fail: answer for the limit, not the upstream.
     match (result, tripped.get()) {
         (Err(_), Some(Trip::TooLarge)) => Err(Denial::BodyTooLarge),
@@ -168,6 +168,8 @@ async fn handle_inner(
 /// What the connection tells about the client.
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's address as a header value, made once per connection for `X-Forwarded-For`.
+    pub peer_ip: HeaderValue,
     /// SHA-256 of the client certificate verified during the TLS handshake (mutual TLS).
     pub client_cert_sha256: Option<[u8; 32]>,
 }
@@ -220,4 +222,11 @@ fn check_binding(
         ));
     }
     Ok(())
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, client_cert_sha256: Option<[u8; 32]>) -> ConnInfo {
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string()).unwrap_or(HeaderValue::from_static(""));
+        ConnInfo { peer, peer_ip, client_cert_sha256 }
+    }
 }

@@ -87,7 +87,8 @@ pub struct Runtime {
     pub state: Arc<State>,
     pub config_path: Option<PathBuf>,
     request_ids: AtomicU64,
-    id_prefix: u32,
+    /// Eight random hex digits and a dash: the start of every request id of this process.
+    id_prefix: String,
 }
 
 impl Runtime {
@@ -106,7 +107,7 @@ impl Runtime {
             state,
             config_path,
             request_ids: AtomicU64::new(1),
-            id_prefix: u32::from_be_bytes(seed),
+            id_prefix: format!("{:08x}-", u32::from_be_bytes(seed)),
         }
     }
 
@@ -118,9 +119,9 @@ impl Runtime {
         self.gateway.store(Arc::new(gateway));
     }
 
+    /// `<process prefix>-<sequence number, at least 10 digits>`.
     pub fn next_request_id(&self) -> String {
-        let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
-        format!("{:08x}-{n:010}", self.id_prefix)
+        request_id(&self.id_prefix, self.request_ids.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Ready when every issuer has keys and the shared state store is reachable.
@@ -162,5 +163,30 @@ impl Runtime {
         let gateway = Gateway::build(config, &self.metrics, Some(&old)).await?;
         self.swap(gateway);
         Ok(())
+    }
+}
+
+/// `prefix` then `n` in decimal, zero-padded to 10 digits (written out by hand: this runs per request).
+fn request_id(prefix: &str, n: u64) -> String {
+    let mut digits = [b'0'; 20];
+    let (mut start, mut rest) = (digits.len(), n);
+    while rest > 0 || start > digits.len() - 10 {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    let mut id = String::with_capacity(prefix.len() + digits.len() - start);
+    id.push_str(prefix);
+    id.extend(digits[start..].iter().map(|&d| char::from(d)));
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_the_prefix_and_a_zero_padded_sequence_number() {
+        for n in [0, 1, 42, 9_999_999_999, 10_000_000_000, u64::MAX] {
+            assert_eq!(super::request_id("0badf00d-", n), format!("0badf00d-{n:010}"));
+        }
     }
 }

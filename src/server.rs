@@ -172,7 +172,7 @@ impl Connection {
             d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, c.as_ref()).as_ref());
             d
         });
-        let info = Arc::new(crate::pipeline::ConnInfo { peer, client_cert_sha256 });
+        let info = Arc::new(crate::pipeline::ConnInfo::new(peer, client_cert_sha256));
         let service = service_fn(move |req| {
             let guard = svc_active.enter();
             let rt = svc_rt.clone();
