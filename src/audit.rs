@@ -146,10 +146,10 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// `t` as RFC 3339 UTC with microseconds, `2026-12-03T19:46:01.123456Z` (times before 1970 as 1970).
+/// `t` as RFC 3339 UTC with microseconds, `2026-12-03T19:46:01.123456Z` (held to years 1970 to 9999).
 fn rfc3339_micros(out: &mut Vec<u8>, t: std::time::SystemTime) {
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
+    let secs = since.as_secs().min(253_402_300_799);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Days to a proleptic Gregorian date, counted in 400-year eras from 0000-03-01.
     let z = days + 719_468;
@@ -339,12 +339,17 @@ mod tests {
             (1_796_325_448, 42_000, "2026-12-03T19:17:28.042000Z"),
             (4_107_542_400, 0, "2100-03-01T00:00:00.000000Z"),
             (253_402_300_799, 0, "9999-12-31T23:59:59.000000Z"),
+            (253_402_300_800, 5, "9999-12-31T23:59:59.000005Z"),
+            (1_000_000_000_000_000, 0, "9999-12-31T23:59:59.000000Z"),
         ];
         for (secs, micros, want) in cases {
             let mut out = Vec::new();
             rfc3339_micros(&mut out, UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros));
             assert_eq!(String::from_utf8(out).unwrap(), want, "{secs}");
         }
+        let mut out = Vec::new();
+        rfc3339_micros(&mut out, UNIX_EPOCH - Duration::from_secs(86_400));
+        assert_eq!(out, b"1970-01-01T00:00:00.000000Z", "before 1970");
     }
 
     #[test]

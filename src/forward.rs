@@ -71,9 +71,10 @@ impl Forwarder {
         let trusted = self.trusted_proxies.iter().any(|n| n.contains(conn.peer.ip()));
         let headers = req.headers_mut();
         // Only the chain a trusted proxy vouches for is kept; from anyone else it is replaced.
-        let chain = if trusted && headers.contains_key(&X_FORWARDED_FOR) {
-            let chain = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok());
-            let chain = chain.chain(conn.peer_ip.to_str().ok()).collect::<Vec<_>>().join(", ");
+        let vouched = || headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok());
+        let vouched = || vouched().map(str::trim).filter(|v| !v.is_empty());
+        let chain = if trusted && vouched().next().is_some() {
+            let chain = vouched().chain(conn.peer_ip.to_str().ok()).collect::<Vec<_>>().join(", ");
             HeaderValue::from_str(&chain).ok()
         } else {
             Some(conn.peer_ip.clone())

@@ -1383,11 +1383,19 @@ async fn a_trusted_proxys_chain_is_kept_and_appended_to() {
         e.up.seen().header("x-forwarded-for"),
         Some("203.0.113.7, 198.51.100.1, 192.0.2.9, 127.0.0.1")
     );
-    // No chain from a trusted proxy: just the peer.
+    // No chain from a trusted proxy, or only empty values: just the peer.
+    for extra in ["", "X-Forwarded-For: \r\n", "X-Forwarded-For: \r\nX-Forwarded-For:  \r\n"] {
+        let mut c = e.h1().await;
+        c.send(&raw("GET", "/orders/2", Some(&t), extra, b"")).await;
+        assert_eq!(c.response().await.unwrap().status, 200);
+        assert_eq!(e.up.seen().header("x-forwarded-for"), Some("127.0.0.1"), "{extra:?}");
+    }
+    // Empty values among real ones are left out.
     let mut c = e.h1().await;
-    c.send(&raw("GET", "/orders/2", Some(&t), "", b"")).await;
+    c.send(&raw("GET", "/orders/3", Some(&t), "X-Forwarded-For: \r\nX-Forwarded-For: 192.0.2.9\r\n", b""))
+        .await;
     assert_eq!(c.response().await.unwrap().status, 200);
-    assert_eq!(e.up.seen().header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(e.up.seen().header("x-forwarded-for"), Some("192.0.2.9, 127.0.0.1"));
 
     // Trusting another range only: the chain is replaced.
     let e = env("trusted_proxies = [\"10.0.0.0/8\"]").await;

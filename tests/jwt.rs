@@ -353,6 +353,29 @@ async fn rs256_and_es256_tokens_are_forwarded() {
     gw.shutdown().await;
 }
 
+/// The verifier remembers the last header it parsed; a token with the same header bytes but the wrong
+/// number of segments is still malformed. A refusal that needed no signature check is never cached.
+#[tokio::test]
+async fn a_remembered_header_does_not_excuse_a_malformed_token_and_junk_is_not_cached() {
+    let (gw, idp, up) = setup("").await;
+    let token = idp.token(json!(["DE"]));
+    assert_eq!(gw.status("/orders/1", Some(&token)).await.0, 200);
+    let parts: Vec<&str> = token.split('.').collect();
+    let two = format!("{}.{}", parts[0], parts[1]);
+    let four = format!("{token}.{}", parts[2]);
+    // Three uses each: a cached refusal would be a hit on the third.
+    for bad in [&two, &four, &two, &four, &two, &four] {
+        assert_invalid(&gw, &up, bad, "invalid_token").await;
+    }
+    let cache = |r: &str| {
+        format!(r#"residency_gateway_token_cache_requests_total{{cache="validation",result="{r}"}}"#)
+    };
+    assert_eq!(gw.metric(&cache("hit")).await, 0.0, "no refusal was served from the cache");
+    assert_eq!(gw.metric(&cache("miss")).await, 7.0);
+    assert_eq!(up.hits(), 1);
+    gw.shutdown().await;
+}
+
 /// A JWT verdict is cached from the second use of its token: a token seen once is verified and not
 /// stored, the second use stores it, the third is served from the cache.
 #[tokio::test]

@@ -60,7 +60,7 @@ pub struct JwtVerifier {
     last_header: ArcSwapOption<SeenHeader>,
 }
 
-/// A JWS header that parsed and is acceptable, with its encoding.
+/// A JWS header that parsed and has no `crit`, with its encoding.
 struct SeenHeader {
     encoded: Box<str>,
     alg: Algorithm,
@@ -257,12 +257,14 @@ impl JwtVerifier {
     /// The `alg` and `kid` of `token`'s header. An issuer signs every token with the same few header
     /// bytes, so the last header parsed is remembered by its exact encoding and not parsed again.
     fn header(&self, token: &str) -> Result<Arc<SeenHeader>, TokenError> {
-        let encoded = token.split_once('.').map_or(token, |(h, _)| h);
-        if let Some(seen) = self.last_header.load_full()
+        // The header segment exactly as jsonwebtoken cuts it: before the second-to-last dot.
+        let encoded = token.rsplit_once('.').and_then(|(message, _)| message.rsplit_once('.'));
+        if let (Some((encoded, _)), Some(seen)) = (encoded, self.last_header.load_full())
             && *seen.encoded == *encoded
         {
             return Ok(seen);
         }
+        let encoded = encoded.map_or("", |(h, _)| h);
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         // RFC 7515 §4.1.11: an extension marked critical must be understood, and none is here.
         if header.crit.is_some() {

@@ -248,6 +248,17 @@ impl Expiry<[u8; 32], CacheEntry> for EntryTtl {
     ) -> Option<Duration> {
         Some(value.ttl)
     }
+
+    /// Two requests that both store a verdict: the later one's lifetime applies, not the earlier one's.
+    fn expire_after_update(
+        &self,
+        _: &[u8; 32],
+        value: &CacheEntry,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
 }
 
 /// Every issuer plus the validation cache.
@@ -352,9 +363,15 @@ impl Verifier {
                     entry
                 }
                 None => {
-                    self.cache_misses.inc();
                     let entry = self.validate(issuer, method, token).await?;
-                    if self.doorkeeper.seen_before(&key) {
+                    self.cache_misses.inc();
+                    // A refusal that came before any signature work is as cheap to repeat as to look up;
+                    // keeping it out of the filter too means junk cannot wear the filter out.
+                    let cheap = matches!(
+                        entry.result,
+                        Err(TokenError::Malformed | TokenError::Algorithm | TokenError::UnknownKey)
+                    );
+                    if !cheap && self.doorkeeper.seen_before(&key) {
                         self.cache.insert(key, entry.clone()).await;
                     }
                     entry
@@ -411,8 +428,8 @@ impl Verifier {
 }
 
 /// Cache admission for JWT verdicts: a one-hash Bloom filter over cache keys that answers "seen
-/// before?". Under a stream of tokens each used once (or a flood of junk), the cache is neither filled
-/// nor churned; a token used twice is cached from its second request. Sized from `max_entries` (8 bits
+/// before?". Under a stream of tokens each used once, the cache is neither filled nor churned (junk that
+/// fails before any signature check is neither cached nor marked); a token used twice is cached from its second request. Sized from `max_entries` (8 bits
 /// per entry, 8 KiB to 2 MiB) and cleared once a sixteenth of its bits are set, so a false "seen" (which
 /// only caches a token early) stays under about 6 %, and a token is admitted when its second use comes
 /// within roughly the last `max_entries / 2` new tokens.
