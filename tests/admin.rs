@@ -9,7 +9,7 @@ use std::net::TcpListener as StdListener;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Gw, Idp, Upstream, audit_lines, prepare_dir};
+use support::{Gw, Idp, Upstream, audit_lines, cache, prepare_dir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
@@ -18,10 +18,6 @@ const ADMIN_SECTION: &str = "[admin]\ntoken_file = \"admin.token\"\n\n";
 /// A token allowed in every route's jurisdiction except the monitor route's (`BR`).
 fn regions() -> Value {
     json!(["DE", "US"])
-}
-
-fn cache_hits() -> &'static str {
-    "residency_gateway_token_cache_requests_total{cache=\"validation\",result=\"hit\"}"
 }
 
 fn admin_actions(action: &str, result: &str) -> String {
@@ -269,7 +265,7 @@ async fn revoke_case(e: &Env, entry: Value, target: &str, other: &str) {
     assert_eq!(e.call("/de", other).await, (200, String::new()), "{entry}: other before");
     let id = e.add("revocations", entry.clone()).await;
 
-    let hits = e.metric(cache_hits()).await;
+    let hits = e.metric(&cache("hit")).await;
     let resp = e.gw.get("/de", Some(target)).await;
     assert_eq!(resp.status(), 401, "{entry}");
     let challenge = resp.headers()["www-authenticate"].to_str().unwrap().to_string();
@@ -277,7 +273,7 @@ async fn revoke_case(e: &Env, entry: Value, target: &str, other: &str) {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["reason"], "token_revoked", "{entry}: {body}");
     assert_eq!(
-        e.metric(cache_hits()).await,
+        e.metric(&cache("hit")).await,
         hits + 1.0,
         "{entry}: the revoked request was served from the validation cache"
     );

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use residency_gateway::token::now_secs;
 use serde_json::{Value, json};
-use support::{Gw, Idp, Upstream};
+use support::{Gw, Idp, Upstream, cache, validations};
 
 const SECRET: &str = "s3cr3t";
 const CLIENT_ID: &str = "gw-client";
@@ -64,16 +64,6 @@ async fn setup() -> (Gw, Idp, Upstream) {
 fn active(idp: &Idp, regions: Value, ttl: u64) -> Value {
     json!({"active": true, "iss": idp.issuer(), "sub": "bob", "client_id": "app-7", "scope": "orders",
         "exp": now_secs() + ttl, "allowed_regions": regions})
-}
-
-fn validations(issuer: &str, method: &str, result: &str) -> String {
-    format!(
-        r#"residency_gateway_token_validations_total{{issuer="{issuer}",method="{method}",result="{result}"}}"#
-    )
-}
-
-fn cache(result: &str) -> String {
-    format!(r#"residency_gateway_token_cache_requests_total{{cache="validation",result="{result}"}}"#)
 }
 
 fn form_pairs(form: &str) -> Vec<(String, String)> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use residency_gateway::dev::Signer;
 use serde_json::{Value, json};
-use support::{Gw, Idp, Upstream, rsa_signer};
+use support::{Gw, Idp, Upstream, rsa_signer, validations};
 
 /// Issuer `corp` on the Idp's JWKS with `extra` lines in its table, and route `/de` (DE) on it.
 fn config(idp: &Idp, up: &Upstream, extra: &str) -> String {
@@ -327,11 +327,7 @@ issuers = ["corp"]
     assert_eq!(status(&gw, &idp.token(json!(["US"]))).await, (403, "region_not_allowed".into()));
     assert_eq!(idp.jwks_hits(), 0, "nothing fetched over HTTP");
     assert_eq!(gw.metric(REFRESH_OK).await, 1.0);
-    assert_eq!(
-        gw.metric(r#"residency_gateway_token_validations_total{issuer="corp",method="jwt",result="valid"}"#)
-            .await,
-        3.0
-    );
+    assert_eq!(gw.metric(&validations("corp", "jwt", "valid")).await, 3.0);
     assert_eq!(up.hits(), 2);
     gw.shutdown().await;
 }

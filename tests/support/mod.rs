@@ -458,6 +458,18 @@ pub fn metric_value(text: &str, sample: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
 }
 
+/// The `token_validations_total` sample of one issuer, method and result.
+pub fn validations(issuer: &str, method: &str, result: &str) -> String {
+    format!(
+        r#"residency_gateway_token_validations_total{{issuer="{issuer}",method="{method}",result="{result}"}}"#
+    )
+}
+
+/// The validation cache's `hit` or `miss` sample.
+pub fn cache(result: &str) -> String {
+    format!(r#"residency_gateway_token_cache_requests_total{{cache="validation",result="{result}"}}"#)
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Audit capture
 
