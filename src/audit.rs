@@ -117,7 +117,7 @@ impl Visit for Fields<'_> {
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.key(field);
-        let _ = write!(self.0, "{value}");
+        self.0.extend_from_slice(Decimal::new(value, 1).as_str().as_bytes());
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.key(field);
@@ -166,10 +166,34 @@ fn rfc3339_micros(out: &mut Vec<u8>, t: std::time::SystemTime) {
     let fields =
         [(year, 4, b'-'), (month, 2, b'-'), (day, 2, b'T'), (h, 2, b':'), (m, 2, b':'), (sec, 2, b'.')];
     for (n, width, sep) in fields.into_iter().chain([(micros, 6, b'Z')]) {
-        for i in (0..width).rev() {
-            out.push(b'0' + (n / 10u64.pow(i) % 10) as u8);
-        }
+        out.extend_from_slice(Decimal::new(n, width).as_str().as_bytes());
         out.push(sep);
+    }
+}
+
+/// `n` in decimal, zero-padded to at least `width` digits (1 to 20), written without the fmt machinery: audit
+/// lines and request ids need a few of these per request.
+pub(crate) struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    pub(crate) fn new(n: u64, width: usize) -> Decimal {
+        let mut digits = [b'0'; 20];
+        let floor = digits.len() - width.clamp(1, 20);
+        let (mut start, mut rest) = (digits.len(), n);
+        while rest > 0 || start > floor {
+            start -= 1;
+            digits[start] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        Decimal { digits, start }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Only ASCII digits are ever stored.
+        std::str::from_utf8(&self.digits[self.start..]).unwrap_or("")
     }
 }
 
@@ -350,6 +374,13 @@ mod tests {
         let mut out = Vec::new();
         rfc3339_micros(&mut out, UNIX_EPOCH - Duration::from_secs(86_400));
         assert_eq!(out, b"1970-01-01T00:00:00.000000Z", "before 1970");
+    }
+
+    #[test]
+    fn decimals_are_zero_padded_to_their_width() {
+        for (n, width) in [(0, 1), (0, 0), (7, 4), (2026, 4), (12_345, 2), (u64::MAX, 1), (u64::MAX, 20)] {
+            assert_eq!(Decimal::new(n, width).as_str(), format!("{n:0width$}"), "{n} {width}");
+        }
     }
 
     #[test]

@@ -174,6 +174,13 @@ pub struct ConnInfo {
     pub client_cert_sha256: Option<[u8; 32]>,
 }
 
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, client_cert_sha256: Option<[u8; 32]>) -> ConnInfo {
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string()).unwrap_or(HeaderValue::from_static(""));
+        ConnInfo { peer, peer_ip, client_cert_sha256 }
+    }
+}
+
 /// Sender-constrained tokens: a `cnf.x5t#S256` must match the connection's client certificate
 /// (RFC 8705 §3), a `cnf.jkt` must come with a DPoP proof signed by that key (RFC 9449), and routes or
 /// issuers that require it refuse tokens bound to neither.
@@ -222,11 +229,4 @@ fn check_binding(
         ));
     }
     Ok(())
-}
-
-impl ConnInfo {
-    pub fn new(peer: SocketAddr, client_cert_sha256: Option<[u8; 32]>) -> ConnInfo {
-        let peer_ip = HeaderValue::try_from(peer.ip().to_string()).unwrap_or(HeaderValue::from_static(""));
-        ConnInfo { peer, peer_ip, client_cert_sha256 }
-    }
 }

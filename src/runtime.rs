@@ -166,18 +166,12 @@ impl Runtime {
     }
 }
 
-/// `prefix` then `n` in decimal, zero-padded to 10 digits (written out by hand: this runs per request).
+/// `prefix` then `n` in decimal, zero-padded to 10 digits.
 fn request_id(prefix: &str, n: u64) -> String {
-    let mut digits = [b'0'; 20];
-    let (mut start, mut rest) = (digits.len(), n);
-    while rest > 0 || start > digits.len() - 10 {
-        start -= 1;
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-    }
-    let mut id = String::with_capacity(prefix.len() + digits.len() - start);
+    let n = crate::audit::Decimal::new(n, 10);
+    let mut id = String::with_capacity(prefix.len() + n.as_str().len());
     id.push_str(prefix);
-    id.extend(digits[start..].iter().map(|&d| char::from(d)));
+    id.push_str(n.as_str());
     id
 }
 

@@ -167,11 +167,8 @@ impl Connection {
             Arc::new(ActiveRequests { opened: tokio::time::Instant::now(), inner: Default::default() });
         let svc_active = active.clone();
         let svc_rt = rt.clone();
-        let client_cert_sha256 = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| {
-            let mut d = [0u8; 32];
-            d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, c.as_ref()).as_ref());
-            d
-        });
+        let client_cert_sha256 =
+            tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::token::sha256(&[c]));
         let info = Arc::new(crate::pipeline::ConnInfo::new(peer, client_cert_sha256));
         let service = service_fn(move |req| {
             let guard = svc_active.enter();

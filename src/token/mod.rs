@@ -173,9 +173,7 @@ pub struct Presented<'a> {
 
 impl<'a> Presented<'a> {
     pub fn new(raw: &'a str) -> Self {
-        let mut sha256 = [0u8; 32];
-        sha256.copy_from_slice(digest::digest(&digest::SHA256, raw.as_bytes()).as_ref());
-        Presented { raw, sha256 }
+        Presented { raw, sha256: sha256(&[raw.as_bytes()]) }
     }
 
     /// Hex of the first 8 bytes of SHA-256(token): lets an audit line be matched to a token without
@@ -192,16 +190,19 @@ impl<'a> Presented<'a> {
 
     /// The method is part of the key: a route that introspects JWTs must not be served a local verdict.
     fn cache_key(&self, issuer: &str, method: Method) -> [u8; 32] {
-        let mut ctx = digest::Context::new(&digest::SHA256);
-        ctx.update(issuer.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(method.as_str().as_bytes());
-        ctx.update(&[0]);
-        ctx.update(&self.sha256);
-        let mut key = [0u8; 32];
-        key.copy_from_slice(ctx.finish().as_ref());
-        key
+        sha256(&[issuer.as_bytes(), &[0], method.as_str().as_bytes(), &[0], &self.sha256])
     }
+}
+
+/// SHA-256 of `parts`, one after the other.
+pub fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    for p in parts {
+        ctx.update(p);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 /// A token fingerprint: 16 lowercase hex digits, held inline.
@@ -428,11 +429,11 @@ impl Verifier {
 }
 
 /// Cache admission for JWT verdicts: a one-hash Bloom filter over cache keys that answers "seen
-/// before?". Under a stream of tokens each used once, the cache is neither filled nor churned (junk that
-/// fails before any signature check is neither cached nor marked); a token used twice is cached from its second request. Sized from `max_entries` (8 bits
-/// per entry, 8 KiB to 2 MiB) and cleared once a sixteenth of its bits are set, so a false "seen" (which
-/// only caches a token early) stays under about 6 %, and a token is admitted when its second use comes
-/// within roughly the last `max_entries / 2` new tokens.
+/// before?". A token used twice is cached from its second request; a stream of tokens each used once
+/// neither fills nor churns the cache (and junk that fails before any signature check is neither cached
+/// nor marked). Sized from `max_entries` (8 bits per entry, 8 KiB to 2 MiB) and cleared once a sixteenth
+/// of its bits are set, so a false "seen" (which only caches a token early) stays under about 6 %, and a
+/// token is admitted when its second use comes within roughly the last `max_entries / 2` new tokens.
 struct Doorkeeper {
     words: Box<[AtomicU64]>,
     marked: AtomicUsize,
@@ -549,9 +550,7 @@ mod tests {
     use super::*;
 
     fn key(i: u32) -> [u8; 32] {
-        let mut k = [0u8; 32];
-        k.copy_from_slice(digest::digest(&digest::SHA256, &i.to_le_bytes()).as_ref());
-        k
+        sha256(&[&i.to_le_bytes()])
     }
 
     #[test]
