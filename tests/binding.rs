@@ -188,7 +188,7 @@ impl Dpop {
 
     fn token(&self) -> String {
         let mut claims = self.idp.claims(json!(["EU"]));
-        claims["cnf"] = json!({ "jkt": self.jwk.thumbprint(ThumbprintHash::SHA256) });
+        claims["cnf"] = json!({ "jkt": self.jwk.thumbprint(ThumbprintHash::SHA256).unwrap() });
         self.idp.rs256(&claims)
     }
 

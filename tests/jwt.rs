@@ -128,7 +128,7 @@ fn rsa_public_pem(jwk: &Value) -> String {
 fn hs256(secret: &[u8], kid: &str, claims: &Value) -> String {
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some(kid.to_string());
-    jsonwebtoken::encode(&header, claims, &EncodingKey::from_secret(secret)).unwrap()
+    jsonwebtoken::encode(&header, claims, &EncodingKey::from_secret(secret).unwrap()).unwrap()
 }
 
 #[tokio::test]
@@ -507,7 +507,7 @@ async fn a_critical_header_parameter_the_gateway_does_not_understand_is_401() {
     assert_eq!(status, 200, "the extra key verifies");
 
     header.crit = Some(vec!["urn:example:must-understand".into()]);
-    header.extras.insert("urn:example:must-understand".into(), "bind-to-channel".into());
+    header.extras.insert("urn:example:must-understand", "bind-to-channel");
     let token = jsonwebtoken::encode(&header, &idp.claims(json!(["DE"])), &key).unwrap();
     assert_invalid(&gw, &up, &token, "invalid_token").await;
     gw.shutdown().await;

@@ -10,7 +10,7 @@ use std::sync::{Arc, LazyLock};
 
 use arc_swap::ArcSwap;
 use aws_lc_rs::signature::{self as sig, ParsedPublicKey, RsaParameters, RsaPublicKeyComponents};
-use jsonwebtoken::crypto::{CryptoProvider, JwkUtils, JwtVerifier, aws_lc};
+use jsonwebtoken::crypto::{CryptoProvider, JwtVerifier, KeyUtils, aws_lc};
 use jsonwebtoken::errors::{Error, ErrorKind};
 use jsonwebtoken::signature::{self, Verifier};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind};
@@ -18,14 +18,20 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind};
 pub static PROVIDER: CryptoProvider = CryptoProvider {
     signer_factory: |alg, key| (aws_lc::DEFAULT_PROVIDER.signer_factory)(alg, key),
     verifier_factory: verifier,
-    jwk_utils: JwkUtils {
-        extract_rsa_public_key_components: |der| {
-            (aws_lc::DEFAULT_PROVIDER.jwk_utils.extract_rsa_public_key_components)(der)
+    key_utils: KeyUtils {
+        rsa_pub_components_from_private_key: |der| {
+            (aws_lc::DEFAULT_PROVIDER.key_utils.rsa_pub_components_from_private_key)(der)
         },
-        extract_ec_public_key_coordinates: |der, alg| {
-            (aws_lc::DEFAULT_PROVIDER.jwk_utils.extract_ec_public_key_coordinates)(der, alg)
+        rsa_pub_components_from_public_key: |der| {
+            (aws_lc::DEFAULT_PROVIDER.key_utils.rsa_pub_components_from_public_key)(der)
         },
-        compute_digest: |data, hash| (aws_lc::DEFAULT_PROVIDER.jwk_utils.compute_digest)(data, hash),
+        ec_pub_components_from_private_key: |der, alg| {
+            (aws_lc::DEFAULT_PROVIDER.key_utils.ec_pub_components_from_private_key)(der, alg)
+        },
+        ed_pub_components_from_private_key: |der, curve| {
+            (aws_lc::DEFAULT_PROVIDER.key_utils.ed_pub_components_from_private_key)(der, curve)
+        },
+        compute_digest: |data, hash| (aws_lc::DEFAULT_PROVIDER.key_utils.compute_digest)(data, hash),
     },
 };
 

@@ -114,7 +114,7 @@ impl DpopVerifier {
             return Err(DpopError::Invalid("ath does not match the access token"));
         }
 
-        let jkt = jwk.thumbprint(ThumbprintHash::SHA256);
+        let jkt = jwk.thumbprint(ThumbprintHash::SHA256).map_err(|_| DpopError::Invalid("unusable jwk"))?;
         let entry = self.seen.entry(format!("{jkt}.{jti}")).or_insert(());
         if !entry.is_fresh() {
             return Err(DpopError::Replay);

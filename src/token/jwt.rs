@@ -384,6 +384,8 @@ pub(crate) fn usable_key(value: &Value, allowed: &[Algorithm]) -> Result<Key, &'
         AlgorithmParameters::OctetKeyPair(_) => return Err("unsupported_curve"),
         // A shared secret in a public key set is never used: it would let anyone holding the set sign.
         AlgorithmParameters::OctetKey(_) => return Err("symmetric"),
+        // A key type jsonwebtoken does not know (`Other`) or a later one.
+        _ => return Err("unsupported"),
     };
     let algorithms: Vec<Algorithm> = match declared {
         Some(a) if by_type.contains(&a) => vec![a],
