@@ -285,7 +285,9 @@ pub fn init_logging() -> Guard {
     let (sink, guard) = Batched::spawn(std::io::stdout(), 16 * 1024, Duration::from_millis(10));
     let audit = AuditLayer::new(sink).with_filter(Targets::new().with_target("audit", LevelFilter::INFO));
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: log files and collectors get plain text.
     let logs = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target() != "audit"))
         .with_filter(env);

@@ -60,8 +60,28 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // On one CPU (a container limited to one, or `taskset`), the single-threaded scheduler: no work
+    // stealing and no cross-thread wake-ups, which under load (benches/load.sh) serves a third more
+    // requests than one multi-threaded worker. Otherwise one worker per CPU.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .build();
+    match runtime {
+        Ok(rt) => rt.block_on(run(cpus)),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cpus: usize) -> ExitCode {
     residency_gateway::token::crypto::install();
     let cli = Cli::parse();
     let _guard = audit::init_logging();
@@ -90,6 +110,8 @@ async fn main() -> ExitCode {
             for w in &cfg.warnings {
                 tracing::warn!("{w}");
             }
+            let scheduler = if cpus == 1 { "single-threaded" } else { "multi-threaded" };
+            tracing::info!(cpus, scheduler, "async runtime");
             match server::start(cfg, Some(config)).await {
                 Ok(mut handle) => {
                     if let Err(e) = serve_until_signalled(&mut handle).await {

@@ -251,6 +251,12 @@ fn whole_config(port: u16, admin_port: u16, grace: f64, body: &str) -> String {
 
 impl Proc {
     async fn start(body: &str, grace: f64) -> Proc {
+        Proc::start_on(body, grace, None).await
+    }
+
+    /// Started with its CPU affinity set to `cpus` (`taskset -c`): on one CPU the gateway runs on the
+    /// single-threaded scheduler, so signals, reloads and draining are tested on both.
+    async fn start_on(body: &str, grace: f64, cpus: Option<&str>) -> Proc {
         support::install_crypto_provider();
         let pki = Pki::new("test CA").unwrap();
         let dir = prepare_dir(&pki);
@@ -258,7 +264,16 @@ impl Proc {
         let (port, admin_port) = (free_port(), free_port());
         std::fs::write(dir.path().join("gateway.toml"), whole_config(port, admin_port, grace, body)).unwrap();
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_residency-gateway"))
+        let bin = env!("CARGO_BIN_EXE_residency-gateway");
+        let mut command = match cpus {
+            Some(cpus) => {
+                let mut c = tokio::process::Command::new("taskset");
+                c.args(["-c", cpus, bin]);
+                c
+            }
+            None => tokio::process::Command::new(bin),
+        };
+        let child = command
             .arg("run")
             .arg("-c")
             .arg(dir.path().join("gateway.toml"))
@@ -285,6 +300,17 @@ impl Proc {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         p
+    }
+
+    /// Pinned to one CPU, the gateway says it chose the single-threaded scheduler.
+    fn assert_single_threaded(&self) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id().unwrap())).unwrap();
+        let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim();
+        assert_eq!(cpus, "0", "taskset did not pin the gateway");
+        let log = self.stderr();
+        let line = log.lines().find(|l| l.contains("async runtime")).unwrap_or_default();
+        assert!(line.contains("cpus=1 scheduler=\"single-threaded\""), "{log}");
+        assert!(!log.contains('\x1b'), "colour codes in a log file: {log}");
     }
 
     fn stderr(&self) -> String {
@@ -352,10 +378,11 @@ where
 }
 
 #[tokio::test]
-async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_0_on_one_cpu() {
     let (idp, up) = (Idp::start().await, Upstream::start().await);
     let grace = 5.0;
-    let mut p = Proc::start(&body(&idp, &base_routes(&up)), grace).await;
+    let mut p = Proc::start_on(&body(&idp, &base_routes(&up)), grace, Some("0")).await;
+    p.assert_single_threaded();
     let t = idp.token(json!(["DE"]));
     assert_eq!(p.status("/de", &t).await.unwrap(), 200);
 
@@ -413,9 +440,10 @@ async fn sigterm_exits_0_after_the_grace_period_even_with_a_hung_request() {
 }
 
 #[tokio::test]
-async fn sighup_reloads_and_sigint_drains() {
+async fn sighup_reloads_and_sigint_drains_on_one_cpu() {
     let (idp, up) = (Idp::start().await, Upstream::start().await);
-    let mut p = Proc::start(&body(&idp, &route("de", "/de", &up, "DE")), 3.0).await;
+    let mut p = Proc::start_on(&body(&idp, &route("de", "/de", &up, "DE")), 3.0, Some("0")).await;
+    p.assert_single_threaded();
     let t = idp.token(json!(["EU", "US"]));
     assert_eq!(p.status("/de", &t).await.unwrap(), 200);
     assert_eq!(p.status("/usca", &t).await.unwrap(), 404);
