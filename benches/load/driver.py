@@ -596,7 +596,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--pool", type=int, default=1000)
-    ap.add_argument("--fresh-tokens", type=int, default=120000,
+    ap.add_argument("--fresh-tokens", type=int, default=200000,
                     help="distinct tokens for the fresh mode; the gateway is restarted (empty cache) before each "
                          "of its fresh rounds, so it never sees a token twice; a round that sends more wraps "
                          "around and is flagged")

@@ -12,7 +12,7 @@
 Tokens: RS256, kid "bench-rsa", iss/aud as given, iat now, exp now + 1 h, allowed_regions ["EEA"], a unique
 jti and sub. Signing is spread over every CPU (an RSA-2048 signature is ~0.5-1 ms).
 
-usage: gen.py OUTDIR --pool 1000 --fresh 120000 --fresh-files 1 --iss ISS --aud AUD
+usage: gen.py OUTDIR --pool 1000 --fresh 200000 --fresh-files 1 --iss ISS --aud AUD
 """
 
 import argparse
@@ -192,7 +192,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--pool", type=int, default=1000)
-    ap.add_argument("--fresh", type=int, default=120000)
+    ap.add_argument("--fresh", type=int, default=200000)
     ap.add_argument("--fresh-files", type=int, default=1)
     ap.add_argument("--iss", required=True)
     ap.add_argument("--aud", required=True)
