@@ -62,8 +62,8 @@ enum Command {
 
 fn main() -> ExitCode {
     // On one CPU (a container limited to one, or `taskset`), the single-threaded scheduler: no work
-    // stealing and no cross-thread wake-ups, which under load (benches/load.sh) serves a third more
-    // requests than one multi-threaded worker. Otherwise one worker per CPU.
+    // stealing and no cross-thread wake-ups; under load (benches/load.sh) it serves a quarter to a half
+    // more requests than the multi-threaded scheduler with its one worker. Otherwise one worker per CPU.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = if cpus == 1 {
         tokio::runtime::Builder::new_current_thread()
