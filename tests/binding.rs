@@ -317,6 +317,29 @@ async fn proof_keys_that_cannot_sign_are_refused_without_a_panic() {
     d.gw.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_proof_whose_jwk_holds_the_private_key_is_refused() {
+    let d = Dpop::start().await;
+    let token = d.token();
+    let claims = |jti: &str| {
+        let ath = URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA256, token.as_bytes()));
+        json!({"jti": jti, "htm": "GET", "htu": d.htu("/orders/1"), "iat": now_secs(), "ath": ath})
+    };
+    let public = serde_json::to_value(&d.jwk).unwrap();
+    let header = |jwk: &Value| json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk});
+    // Control: the same raw-built proof with the public key alone is accepted.
+    let ok = d.key.sign_raw(&header(&public), &claims(&format!("p-{}", rand_id())));
+    assert_eq!(d.send(&token, Some(&ok)).await.0, 200, "the raw-built proof verifies");
+    // Validly signed, but its jwk carries a private member: RFC 9449 §4.3 refuses it.
+    let mut private = public.clone();
+    private["d"] = json!(URL_SAFE_NO_PAD.encode([7u8; 32]));
+    let proof = d.key.sign_raw(&header(&private), &claims(&format!("p-{}", rand_id())));
+    let (status, reason, _) = d.send(&token, Some(&proof)).await;
+    assert_eq!((status, reason.as_str()), (401, "dpop_invalid"));
+    assert_eq!(d.up.hits(), 1, "only the control reached the upstream");
+    d.gw.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Cross-border transport
 

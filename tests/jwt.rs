@@ -510,5 +510,14 @@ async fn a_critical_header_parameter_the_gateway_does_not_understand_is_401() {
     header.extras.insert("urn:example:must-understand", "bind-to-channel");
     let token = jsonwebtoken::encode(&header, &idp.claims(json!(["DE"])), &key).unwrap();
     assert_invalid(&gw, &up, &token, "invalid_token").await;
+
+    // `crit: ["b64"]` with `b64: true` (RFC 7797) passes jsonwebtoken's own check; the gateway
+    // understands no extension and refuses it too.
+    let mut b64 = Header::new(Algorithm::ES256);
+    b64.kid = Some("crit-1".into());
+    b64.crit = Some(vec!["b64".into()]);
+    b64.extras.insert("b64", true);
+    let token = jsonwebtoken::encode(&b64, &idp.claims(json!(["DE"])), &key).unwrap();
+    assert_invalid(&gw, &up, &token, "invalid_token").await;
     gw.shutdown().await;
 }

@@ -76,8 +76,10 @@ impl DpopVerifier {
             return Err(DpopError::Invalid("unsupported critical header"));
         }
         let jwk = header.jwk.as_ref().ok_or(DpopError::Invalid("no jwk in the header"))?;
-        let jwk_value = serde_json::to_value(jwk).map_err(|_| DpopError::Invalid("bad jwk"))?;
-        if ["d", "p", "q", "dp", "dq", "qi", "k"].iter().any(|f| jwk_value.get(f).is_some()) {
+        // RFC 9449 §4.3: a proof whose key carries private material is refused. The check reads the
+        // `jwk` as sent: jsonwebtoken's typed JWK keeps only public members and would hide `d`.
+        let jwk_value = sent_jwk(proof).ok_or(DpopError::Invalid("bad jwk"))?;
+        if ["d", "p", "q", "dp", "dq", "qi", "oth", "k"].iter().any(|f| jwk_value.get(f).is_some()) {
             return Err(DpopError::Invalid("the jwk holds private key material"));
         }
         // Only key types and curves that verify signatures pass here, which also keeps the thumbprint
@@ -134,6 +136,14 @@ fn htu_matches(htu: &str, url: &RequestUrl<'_>) -> bool {
         && uri.host().is_some_and(|h| h.eq_ignore_ascii_case(url.host))
         && port == url.port
         && path == url.path
+}
+
+/// The header's `jwk` member as the client sent it, from the header segment cut as jsonwebtoken cuts it.
+fn sent_jwk(proof: &str) -> Option<Value> {
+    let (message, _) = proof.rsplit_once('.')?;
+    let (header, _) = message.rsplit_once('.')?;
+    let mut header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?;
+    Some(header.get_mut("jwk")?.take())
 }
 
 #[cfg(test)]
