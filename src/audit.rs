@@ -285,9 +285,11 @@ pub fn init_logging() -> Guard {
     let (sink, guard) = Batched::spawn(std::io::stdout(), 16 * 1024, Duration::from_millis(10));
     let audit = AuditLayer::new(sink).with_filter(Targets::new().with_target("audit", LevelFilter::INFO));
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only on a terminal: log files and collectors get plain text.
+    // Colours only on a terminal, and not with NO_COLOR set: log files and collectors get plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let logs = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target() != "audit"))
         .with_filter(env);

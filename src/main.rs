@@ -65,7 +65,8 @@ fn main() -> ExitCode {
     // stealing and no cross-thread wake-ups; under load (benches/load.sh) it serves a quarter to a half
     // more requests than the multi-threaded scheduler with its one worker. Otherwise one worker per CPU.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let runtime = if cpus == 1 {
+    // TOKIO_WORKER_THREADS, tokio's own setting, asks for the multi-threaded scheduler with that many.
+    let runtime = if cpus == 1 && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
@@ -110,7 +111,10 @@ async fn run(cpus: usize) -> ExitCode {
             for w in &cfg.warnings {
                 tracing::warn!("{w}");
             }
-            let scheduler = if cpus == 1 { "single-threaded" } else { "multi-threaded" };
+            let scheduler = match tokio::runtime::Handle::current().runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::CurrentThread => "single-threaded",
+                _ => "multi-threaded",
+            };
             tracing::info!(cpus, scheduler, "async runtime");
             match server::start(cfg, Some(config)).await {
                 Ok(mut handle) => {

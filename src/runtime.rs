@@ -147,8 +147,12 @@ impl Runtime {
     }
 
     async fn try_reload(&self) -> Result<(), String> {
-        let path = self.config_path.as_ref().ok_or("this gateway was not started from a config file")?;
-        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let path = self.config_path.clone().ok_or("this gateway was not started from a config file")?;
+        // Reading and checking the files is blocking work: off the thread that serves requests (on one
+        // CPU there is only one).
+        let config = tokio::task::spawn_blocking(move || Config::load(&path).map_err(|e| e.to_string()))
+            .await
+            .map_err(|e| format!("config reload: {e}"))??;
         let old = self.current();
         let fixed = [
             (config.server.listen != old.config.server.listen, "server.listen"),

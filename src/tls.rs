@@ -226,20 +226,23 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
+/// The system's roots, read once per process: each issuer client and the forwarder need them, and a
+/// reload should not re-read and re-parse the system bundle that many times.
+static SYSTEM_ROOTS: std::sync::LazyLock<RootCertStore> = std::sync::LazyLock::new(|| {
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system bundle may hold certificates rustls cannot parse; skipping them is what every TLS
+        // client does.
+        let _ = roots.add(cert);
+    }
+    roots
+});
+
 /// The system's roots, or the roots in `ca_file` when one is configured.
 pub fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
     match ca_file {
         Some(p) => load_roots(p),
-        None => {
-            let mut roots = RootCertStore::empty();
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                // A system bundle may hold certificates rustls cannot parse; skipping them is what every
-                // TLS client does.
-                let _ = roots.add(cert);
-            }
-            Ok(roots)
-        }
+        None => Ok(SYSTEM_ROOTS.clone()),
     }
 }
 

@@ -242,6 +242,18 @@ struct Proc {
     _pki: Pki,
 }
 
+/// `Cpus_allowed_list` of a `/proc/<pid>/status` file.
+fn allowed_cpus(status: &str) -> String {
+    let status = std::fs::read_to_string(status).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string()
+}
+
+/// The first CPU this test process may run on (`0`, unless CI hands out a cpuset such as `2-3`).
+fn first_allowed_cpu() -> String {
+    let cpus = allowed_cpus("/proc/self/status");
+    cpus.split([',', '-']).next().unwrap().to_string()
+}
+
 fn whole_config(port: u16, admin_port: u16, grace: f64, body: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
@@ -251,12 +263,12 @@ fn whole_config(port: u16, admin_port: u16, grace: f64, body: &str) -> String {
 
 impl Proc {
     async fn start(body: &str, grace: f64) -> Proc {
-        Proc::start_on(body, grace, None).await
+        Proc::start_on(body, grace, false).await
     }
 
-    /// Started with its CPU affinity set to `cpus` (`taskset -c`): on one CPU the gateway runs on the
-    /// single-threaded scheduler, so signals, reloads and draining are tested on both.
-    async fn start_on(body: &str, grace: f64, cpus: Option<&str>) -> Proc {
+    /// With `one_cpu`, started pinned (`taskset -c`) to the first CPU this test may use: on one CPU the
+    /// gateway runs the single-threaded scheduler, so the tests that take both ways cover both.
+    async fn start_on(body: &str, grace: f64, one_cpu: bool) -> Proc {
         support::install_crypto_provider();
         let pki = Pki::new("test CA").unwrap();
         let dir = prepare_dir(&pki);
@@ -265,13 +277,12 @@ impl Proc {
         std::fs::write(dir.path().join("gateway.toml"), whole_config(port, admin_port, grace, body)).unwrap();
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
         let bin = env!("CARGO_BIN_EXE_residency-gateway");
-        let mut command = match cpus {
-            Some(cpus) => {
-                let mut c = tokio::process::Command::new("taskset");
-                c.args(["-c", cpus, bin]);
-                c
-            }
-            None => tokio::process::Command::new(bin),
+        let mut command = if one_cpu {
+            let mut c = tokio::process::Command::new("taskset");
+            c.args(["-c", &first_allowed_cpu(), bin]);
+            c
+        } else {
+            tokio::process::Command::new(bin)
         };
         let child = command
             .arg("run")
@@ -302,14 +313,17 @@ impl Proc {
         p
     }
 
-    /// Pinned to one CPU, the gateway says it chose the single-threaded scheduler.
-    fn assert_single_threaded(&self) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id().unwrap())).unwrap();
-        let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim();
-        assert_eq!(cpus, "0", "taskset did not pin the gateway");
+    /// The scheduler the gateway says it runs matches the CPUs it may use.
+    fn assert_scheduler(&self, one_cpu: bool) {
+        let cpus = allowed_cpus(&format!("/proc/{}/status", self.child.id().unwrap()));
         let log = self.stderr();
         let line = log.lines().find(|l| l.contains("async runtime")).unwrap_or_default();
-        assert!(line.contains("cpus=1 scheduler=\"single-threaded\""), "{log}");
+        if one_cpu {
+            assert_eq!(cpus, first_allowed_cpu(), "taskset did not pin the gateway");
+            assert!(line.contains("cpus=1 scheduler=\"single-threaded\""), "{log}");
+        } else if cpus.contains([',', '-']) {
+            assert!(line.contains("scheduler=\"multi-threaded\""), "{log}");
+        }
         assert!(!log.contains('\x1b'), "colour codes in a log file: {log}");
     }
 
@@ -378,11 +392,20 @@ where
 }
 
 #[tokio::test]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+    in_flight_request_finishes_on_sigterm(false).await;
+}
+
+#[tokio::test]
 async fn sigterm_lets_an_in_flight_request_finish_then_exits_0_on_one_cpu() {
+    in_flight_request_finishes_on_sigterm(true).await;
+}
+
+async fn in_flight_request_finishes_on_sigterm(one_cpu: bool) {
     let (idp, up) = (Idp::start().await, Upstream::start().await);
     let grace = 5.0;
-    let mut p = Proc::start_on(&body(&idp, &base_routes(&up)), grace, Some("0")).await;
-    p.assert_single_threaded();
+    let mut p = Proc::start_on(&body(&idp, &base_routes(&up)), grace, one_cpu).await;
+    p.assert_scheduler(one_cpu);
     let t = idp.token(json!(["DE"]));
     assert_eq!(p.status("/de", &t).await.unwrap(), 200);
 
@@ -440,10 +463,19 @@ async fn sigterm_exits_0_after_the_grace_period_even_with_a_hung_request() {
 }
 
 #[tokio::test]
+async fn sighup_reloads_and_sigint_drains() {
+    sighup_and_sigint(false).await;
+}
+
+#[tokio::test]
 async fn sighup_reloads_and_sigint_drains_on_one_cpu() {
+    sighup_and_sigint(true).await;
+}
+
+async fn sighup_and_sigint(one_cpu: bool) {
     let (idp, up) = (Idp::start().await, Upstream::start().await);
-    let mut p = Proc::start_on(&body(&idp, &route("de", "/de", &up, "DE")), 3.0, Some("0")).await;
-    p.assert_single_threaded();
+    let mut p = Proc::start_on(&body(&idp, &route("de", "/de", &up, "DE")), 3.0, one_cpu).await;
+    p.assert_scheduler(one_cpu);
     let t = idp.token(json!(["EU", "US"]));
     assert_eq!(p.status("/de", &t).await.unwrap(), 200);
     assert_eq!(p.status("/usca", &t).await.unwrap(), 404);
