@@ -138,11 +138,10 @@ fn htu_matches(htu: &str, url: &RequestUrl<'_>) -> bool {
         && path == url.path
 }
 
-/// The header's `jwk` member as the client sent it, from the header segment cut as jsonwebtoken cuts it.
+/// The header's `jwk` member as the client sent it.
 fn sent_jwk(proof: &str) -> Option<Value> {
-    let (message, _) = proof.rsplit_once('.')?;
-    let (header, _) = message.rsplit_once('.')?;
-    let mut header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?;
+    let header = URL_SAFE_NO_PAD.decode(super::jws_header_segment(proof)?).ok()?;
+    let mut header: Value = serde_json::from_slice(&header).ok()?;
     Some(header.get_mut("jwk")?.take())
 }
 

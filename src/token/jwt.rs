@@ -257,14 +257,13 @@ impl JwtVerifier {
     /// The `alg` and `kid` of `token`'s header. An issuer signs every token with the same few header
     /// bytes, so the last header parsed is remembered by its exact encoding and not parsed again.
     fn header(&self, token: &str) -> Result<Arc<SeenHeader>, TokenError> {
-        // The header segment exactly as jsonwebtoken cuts it: before the second-to-last dot.
-        let encoded = token.rsplit_once('.').and_then(|(message, _)| message.rsplit_once('.'));
-        if let (Some((encoded, _)), Some(seen)) = (encoded, self.last_header.load_full())
+        let encoded = super::jws_header_segment(token);
+        if let (Some(encoded), Some(seen)) = (encoded, self.last_header.load_full())
             && *seen.encoded == *encoded
         {
             return Ok(seen);
         }
-        let encoded = encoded.map_or("", |(h, _)| h);
+        let encoded = encoded.unwrap_or("");
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         // RFC 7515 §4.1.11: an extension marked critical must be understood, and none is here.
         if header.crit.is_some() {

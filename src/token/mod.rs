@@ -194,6 +194,12 @@ impl<'a> Presented<'a> {
     }
 }
 
+/// A compact JWS's header segment, cut exactly as jsonwebtoken cuts it: before the second-to-last dot.
+pub(crate) fn jws_header_segment(token: &str) -> Option<&str> {
+    let (message, _) = token.rsplit_once('.')?;
+    Some(message.rsplit_once('.')?.0)
+}
+
 /// SHA-256 of `parts`, one after the other.
 pub fn sha256(parts: &[&[u8]]) -> [u8; 32] {
     let mut ctx = digest::Context::new(&digest::SHA256);
