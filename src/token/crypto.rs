@@ -10,30 +10,14 @@ use std::sync::{Arc, LazyLock};
 
 use arc_swap::ArcSwap;
 use aws_lc_rs::signature::{self as sig, ParsedPublicKey, RsaParameters, RsaPublicKeyComponents};
-use jsonwebtoken::crypto::{CryptoProvider, JwtVerifier, KeyUtils, aws_lc};
+use jsonwebtoken::crypto::{CryptoProvider, JwtVerifier, aws_lc};
 use jsonwebtoken::errors::{Error, ErrorKind};
 use jsonwebtoken::signature::{self, Verifier};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind};
 
-pub static PROVIDER: CryptoProvider = CryptoProvider {
-    signer_factory: |alg, key| (aws_lc::DEFAULT_PROVIDER.signer_factory)(alg, key),
-    verifier_factory: verifier,
-    key_utils: KeyUtils {
-        rsa_pub_components_from_private_key: |der| {
-            (aws_lc::DEFAULT_PROVIDER.key_utils.rsa_pub_components_from_private_key)(der)
-        },
-        rsa_pub_components_from_public_key: |der| {
-            (aws_lc::DEFAULT_PROVIDER.key_utils.rsa_pub_components_from_public_key)(der)
-        },
-        ec_pub_components_from_private_key: |der, alg| {
-            (aws_lc::DEFAULT_PROVIDER.key_utils.ec_pub_components_from_private_key)(der, alg)
-        },
-        ed_pub_components_from_private_key: |der, curve| {
-            (aws_lc::DEFAULT_PROVIDER.key_utils.ed_pub_components_from_private_key)(der, curve)
-        },
-        compute_digest: |data, hash| (aws_lc::DEFAULT_PROVIDER.key_utils.compute_digest)(data, hash),
-    },
-};
+/// jsonwebtoken's aws-lc-rs provider with [`verifier`] in place of its verifier factory.
+pub static PROVIDER: LazyLock<CryptoProvider> =
+    LazyLock::new(|| CryptoProvider { verifier_factory: verifier, ..aws_lc::DEFAULT_PROVIDER.clone() });
 
 /// Makes [`PROVIDER`] jsonwebtoken's provider for this process. It has to come before jsonwebtoken's
 /// first use, which otherwise settles on its default (correct, only slower); later calls do nothing.
