@@ -19,7 +19,8 @@ fn example_config_loads() {
     }
     let path = dir.path().join("gateway.toml");
     std::fs::copy(format!("{root}/gateway.toml.example"), &path).unwrap();
-    // SAFETY: the other test in this binary does not touch the environment.
+    // SAFETY: this binary holds only this file's two tests (the others are in tests/gateway/), and the
+    // other one does not touch the environment.
     unsafe {
         std::env::set_var("PARTNER_INTROSPECTION_SECRET", "partner-secret");
         std::env::set_var("RESIDENCY_GATEWAY_ADMIN_TOKEN", "an-admin-token-of-some-length");

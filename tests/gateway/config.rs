@@ -1,13 +1,13 @@
 //! Config validation: every problem in one pass, each naming file, line and key; and `check` on the
 //! command line.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use residency_gateway::config::Config;
 use residency_gateway::dev::Pki;
+
+use crate::support;
 
 /// Every mistake the test expects, each on a line holding a unique marker comment.
 const BAD: &str = r#"[server]

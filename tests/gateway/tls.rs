@@ -2,16 +2,15 @@
 //! each failure counted under its reason. Legacy ClientHellos are written by hand on raw sockets
 //! (rustls cannot speak TLS 1.1 or CBC suites); the rest uses rustls clients with chosen settings.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use rustls::version::{TLS12, TLS13};
 use serde_json::json;
-use support::{Gw, Idp, Upstream, config_text_with, tls_client_config, tls_connect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::support::{Gw, Idp, Upstream, config_text_with, tls_client_config, tls_connect};
 
 fn failures(reason: &str) -> String {
     format!("residency_gateway_tls_handshake_failures_total{{reason=\"{reason}\"}}")

@@ -1,8 +1,6 @@
 //! Sender-constrained tokens and cross-border transport: certificate-bound tokens over mutual TLS
 //! (RFC 8705), DPoP proofs (RFC 9449), and TLS (with client certificates) to upstreams abroad.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +15,8 @@ use residency_gateway::token::now_secs;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
-use support::{Gw, Idp, Upstream, config_text_with, root_store};
+
+use crate::support::{self, Gw, Idp, Upstream, config_text_with, root_store};
 
 fn issuer(idp: &Idp) -> String {
     format!(

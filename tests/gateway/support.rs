@@ -1,12 +1,10 @@
 //! In-process fakes on 127.0.0.1:0 for the integration tests: an upstream, an authorization server
 //! (JWKS, discovery, introspection) with hit counters and switchable failures, and a gateway launcher
 //! that writes a real config with a real certificate and talks to it over real TLS.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -415,10 +413,6 @@ impl Gw {
 
     pub fn addr(&self) -> SocketAddr {
         self.handle.as_ref().unwrap().addr
-    }
-
-    pub fn ca_path(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {

@@ -1,11 +1,10 @@
 //! `explain` and `check` as ops run them: the binary, a config on disk, golden output and exit codes.
 
-mod support;
-
 use std::process::Command;
 
 use serde_json::json;
-use support::{Idp, config_text, prepare_dir};
+
+use crate::support::{Idp, config_text, prepare_dir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_residency-gateway");
 

@@ -2,14 +2,13 @@
 //! inactive and malformed answers, fail-closed on errors and timeouts, coalescing, expiry, negative
 //! caching, JWTs sent to introspection, discovery, and the validation metrics.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use residency_gateway::token::now_secs;
 use serde_json::{Value, json};
-use support::{Gw, Idp, Upstream, cache, validations};
+
+use crate::support::{self, Gw, Idp, Upstream, cache, validations};
 
 const SECRET: &str = "s3cr3t";
 const CLIENT_ID: &str = "gw-client";

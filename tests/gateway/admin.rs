@@ -3,14 +3,13 @@
 //! audit lines, the file backend across a restart, and the Redis backend shared by two replicas (a
 //! real `redis-server`, started and stopped by the tests).
 
-mod support;
-
 use std::net::TcpListener as StdListener;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Gw, Idp, Upstream, audit_lines, cache, prepare_dir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{self, Gw, Idp, Upstream, audit_lines, cache, prepare_dir};
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 const ADMIN_SECTION: &str = "[admin]\ntoken_file = \"admin.token\"\n\n";

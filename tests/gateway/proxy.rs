@@ -1,8 +1,6 @@
 //! Forwarding: allowed requests reach the upstream, streamed, with hop-by-hop headers stripped and
 //! X-Forwarded-* set by the gateway.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,7 +10,8 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use residency_gateway::BoxError;
 use serde_json::{Value, json};
-use support::{Gw, Idp, Upstream};
+
+use crate::support::{self, Gw, Idp, Upstream};
 
 async fn setup() -> (Gw, Idp, Upstream) {
     let idp = Idp::start().await;

@@ -1,15 +1,14 @@
 //! JWT validation through real requests: every way a token is refused is a 401 with an RFC 6750
 //! challenge and a stable reason, nothing of the token is echoed, and the upstream is never reached.
 
-mod support;
-
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use residency_gateway::dev::Signer;
 use residency_gateway::token::{fingerprint, now_secs};
 use serde_json::{Value, json};
-use support::{Gw, Idp, Upstream, audit_lines, audit_text, cache, rsa_signer, validations};
+
+use crate::support::{Gw, Idp, Upstream, audit_lines, audit_text, cache, rsa_signer, validations};
 
 const REALM: &str = "Bearer realm=\"residency-gateway\"";
 

@@ -6,8 +6,6 @@
 //! Everything is bounded: every read has a deadline ([`WAIT`] unless said otherwise), and timers in the
 //! configs are fractions of a second.
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
@@ -19,9 +17,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use residency_gateway::dev::serve_http;
 use serde_json::{Value, json};
-use support::{Gw, Idp, Upstream, config_text_with, json_response, tls_client_config, tls_connect};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::{
+    self, Gw, Idp, Upstream, config_text_with, json_response, tls_client_config, tls_connect,
+};
 
 /// The longest any single read in these tests waits.
 const WAIT: Duration = Duration::from_secs(5);

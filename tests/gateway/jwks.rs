@@ -2,14 +2,13 @@
 //! (last good keys kept, fail closed without keys, readiness), the unknown-kid refetch limit, keys that
 //! cannot sign, Cache-Control driven refresh, the refresh metrics, and key sets read from a file.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use residency_gateway::dev::Signer;
 use serde_json::{Value, json};
-use support::{Gw, Idp, Upstream, rsa_signer, validations};
+
+use crate::support::{self, Gw, Idp, Upstream, rsa_signer, validations};
 
 /// Issuer `corp` on the Idp's JWKS with `extra` lines in its table, and route `/de` (DE) on it.
 fn config(idp: &Idp, up: &Upstream, extra: &str) -> String {

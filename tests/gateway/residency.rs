@@ -1,13 +1,12 @@
 //! Residency decisions through real requests: the token's allowed regions against the route's
 //! jurisdiction (groups, subdivisions, aliases), the 403 body, monitor mode, metrics and audit lines.
 
-mod support;
-
 use std::collections::HashMap;
 
 use residency_gateway::token::fingerprint;
 use serde_json::{Value, json};
-use support::{Gw, Idp, Upstream, audit_lines, audit_text};
+
+use crate::support::{self, Gw, Idp, Upstream, audit_lines, audit_text};
 
 /// Route name -> (path prefix, declared jurisdiction, mode).
 const ROUTES: &[(&str, &str, &str, &str)] = &[

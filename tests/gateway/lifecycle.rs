@@ -2,15 +2,14 @@
 //! served, in-flight requests survive, the admin token is re-read), and the real binary under signals
 //! (SIGTERM/SIGINT drain within the grace period and exit 0, SIGHUP reloads).
 
-mod support;
-
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use residency_gateway::dev::Pki;
 use serde_json::{Value, json};
-use support::{Gw, Idp, Upstream, audit_lines, client_for, metric_value, prepare_dir};
+
+use crate::support::{self, Gw, Idp, Upstream, audit_lines, client_for, metric_value, prepare_dir};
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 
