@@ -175,9 +175,7 @@ impl Dpop {
         let up = Upstream::start().await;
         let gw = Gw::start(&format!("{}{}", issuer(&idp), route("orders", "/orders", &up.url(), ""))).await;
         let key = Signer::es256("client-key").unwrap();
-        let mut public = key.jwk.clone();
-        public.as_object_mut().unwrap().remove("kid");
-        let jwk: Jwk = serde_json::from_value(public).unwrap();
+        let jwk = public_jwk(&key);
         Dpop { gw, idp, up, key, jwk }
     }
 
@@ -191,14 +189,19 @@ impl Dpop {
         self.idp.rs256(&claims)
     }
 
-    /// A proof by `signer` (whose public key is `jwk`) with `claims` merged over correct ones.
+    /// Correct proof claims for `GET /orders/1` with `token`, under a fresh `jti`.
+    fn claims(&self, token: &str) -> Value {
+        let ath = URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA256, token.as_bytes()));
+        json!({"jti": format!("p-{}", rand_id()), "htm": "GET", "htu": self.htu("/orders/1"),
+            "iat": now_secs(), "ath": ath})
+    }
+
+    /// A proof by `signer` (whose public key is `jwk`) with `overrides` merged over correct claims.
     fn proof_by(&self, signer: &Signer, jwk: &Jwk, token: &str, overrides: Value) -> String {
         let mut header = Header::new(Algorithm::ES256);
         header.typ = Some("dpop+jwt".into());
         header.jwk = Some(jwk.clone());
-        let ath = URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA256, token.as_bytes()));
-        let mut claims = json!({"jti": format!("p-{}", rand_id()), "htm": "GET", "htu": self.htu("/orders/1"),
-            "iat": now_secs(), "ath": ath});
+        let mut claims = self.claims(token);
         for (k, v) in overrides.as_object().unwrap() {
             claims[k] = v.clone();
         }
@@ -212,6 +215,13 @@ impl Dpop {
     async fn send(&self, token: &str, proof: Option<&str>) -> (u16, String, String) {
         call(&self.gw.client, format!("{}/orders/1", self.gw.base), &format!("DPoP {token}"), proof).await
     }
+}
+
+/// `signer`'s public JWK without its `kid`, as a DPoP proof carries it.
+fn public_jwk(signer: &Signer) -> Jwk {
+    let mut public = signer.jwk.clone();
+    public.as_object_mut().unwrap().remove("kid");
+    serde_json::from_value(public).unwrap()
 }
 
 fn rand_id() -> String {
@@ -272,9 +282,7 @@ async fn a_proof_by_another_key_or_a_bearer_use_is_refused() {
     let d = Dpop::start().await;
     let token = d.token();
     let thief = Signer::es256("thief").unwrap();
-    let mut public = thief.jwk.clone();
-    public.as_object_mut().unwrap().remove("kid");
-    let thief_jwk: Jwk = serde_json::from_value(public).unwrap();
+    let thief_jwk = public_jwk(&thief);
     let (status, reason, _) = d.send(&token, Some(&d.proof_by(&thief, &thief_jwk, &token, json!({})))).await;
     assert_eq!(
         (status, reason.as_str()),
@@ -320,19 +328,15 @@ async fn proof_keys_that_cannot_sign_are_refused_without_a_panic() {
 async fn a_proof_whose_jwk_holds_the_private_key_is_refused() {
     let d = Dpop::start().await;
     let token = d.token();
-    let claims = |jti: &str| {
-        let ath = URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA256, token.as_bytes()));
-        json!({"jti": jti, "htm": "GET", "htu": d.htu("/orders/1"), "iat": now_secs(), "ath": ath})
-    };
     let public = serde_json::to_value(&d.jwk).unwrap();
     let header = |jwk: &Value| json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk});
     // Control: the same raw-built proof with the public key alone is accepted.
-    let ok = d.key.sign_raw(&header(&public), &claims(&format!("p-{}", rand_id())));
+    let ok = d.key.sign_raw(&header(&public), &d.claims(&token));
     assert_eq!(d.send(&token, Some(&ok)).await.0, 200, "the raw-built proof verifies");
     // Validly signed, but its jwk carries a private member: RFC 9449 §4.3 refuses it.
     let mut private = public.clone();
     private["d"] = json!(URL_SAFE_NO_PAD.encode([7u8; 32]));
-    let proof = d.key.sign_raw(&header(&private), &claims(&format!("p-{}", rand_id())));
+    let proof = d.key.sign_raw(&header(&private), &d.claims(&token));
     let (status, reason, _) = d.send(&token, Some(&proof)).await;
     assert_eq!((status, reason.as_str()), (401, "dpop_invalid"));
     assert_eq!(d.up.hits(), 1, "only the control reached the upstream");
